@@ -1,0 +1,1 @@
+"""omnivox benchmarks package."""

@@ -1,0 +1,1 @@
+"""omnivox clients package."""

@@ -1,0 +1,1 @@
+"""omnivox model package: pure compute (no asyncio, no sockets)."""

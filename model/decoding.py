@@ -1,0 +1,213 @@
+"""The one decoding core: a step API that serves every task (DESIGN.md section 2).
+
+`Generation` owns one response's KV cache and advances one step per `step()` call,
+returning the step's text token, its 7 audio tokens (audio-out tasks) and the SNAC
+frame that step completed, if any. Stop rules, their order and the token budget
+follow upstream Mini-Omni exactly, so greedy outputs are token-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .codec import dedelay
+from .llm import OmniLM
+from .prompts import Prompt
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Upstream's defaults: temperature 0.9 with top_k 1, i.e. greedy."""
+
+    temperature: float = 0.9
+    top_k: int | None = 1
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature <= 0.0
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (R, V) -> (R,) ids. Order as upstream: top-k, temperature, top-p, then draw."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        v, i = torch.topk(logits, cfg.top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, i, v)
+    logits = logits / cfg.temperature
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= (1 - cfg.top_p)
+        remove_sorted[..., -1:] = False  # always keep the most probable token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    step: int  # 0 = the prefill step
+    text: int  # text token as kept (after _pad_t replacement once text has ended)
+    audio: tuple[int, ...] | None  # 7 local audio ids, audio-out tasks only
+    frame: tuple[int, ...] | None  # the de-delayed frame this step completed (raw ids)
+
+
+@dataclass
+class GenerationResult:
+    text_steps: list[int]  # text token of every kept step
+    audio_steps: torch.Tensor  # (7, S) local audio ids of every kept step (empty for text-out)
+    stop: str  # "eoa" | "eot" | "budget"
+    eot: int = field(repr=False, default=-1)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.text_steps)
+
+    @property
+    def text_tokens(self) -> list[int]:
+        """The answer's text ids up to (not including) the first _eot."""
+        out = []
+        for t in self.text_steps:
+            if t == self.eot:
+                break
+            out.append(t)
+        return out
+
+    @property
+    def frames(self) -> torch.Tensor:
+        """(N, 7) de-delayed frames (raw ids)."""
+        if self.audio_steps.numel() == 0:
+            return torch.zeros((0, 7), dtype=torch.long)
+        return dedelay(self.audio_steps)
+
+
+class Generation:
+    """One response: prefill on the first `step()`, one decode step per later call."""
+
+    def __init__(
+        self,
+        model: OmniLM,
+        prompt: Prompt,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int | None = None,
+    ) -> None:
+        self.model = model
+        self.prompt = prompt
+        self.layout = model.layout
+        self.sampling = sampling or SamplingConfig()
+        block = model.config.block_size
+        if prompt.length >= block:
+            raise ValueError(f"prompt of {prompt.length} positions does not fit the model's {block}-token window")
+        # Upstream: max_returned_tokens = block_size, i.e. at most block_size - T kept steps.
+        self.max_steps = block - prompt.length
+        if max_new_tokens is not None:
+            self.max_steps = max(1, min(self.max_steps, max_new_tokens))
+        self.generator: torch.Generator | None = None
+        if not self.sampling.greedy:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(self.sampling.seed if self.sampling.seed is not None else 0)
+        self.cache = model.new_cache()
+        self.steps_done = 0
+        self.text_ended = False
+        self.stop: str | None = None
+        self.text_steps: list[int] = []
+        self.audio_steps: list[torch.Tensor] = []  # each (7,)
+        self._feedback: torch.Tensor | None = None  # (B, 8, 1) global ids for the next step
+        n = self.layout.num_audio_layers
+        self._audio_shift = self.layout.audio_shifts()  # (7,)
+        self._pad_a_ids = torch.full((n,), self.layout.pad_a, dtype=torch.long) + self._audio_shift
+
+    @property
+    def done(self) -> bool:
+        return self.stop is not None
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput | None:
+        if self.stop is not None:
+            return None
+        if self.steps_done >= self.max_steps:
+            self.stop = "budget"
+            return None
+        task, layout = self.prompt.task, self.layout
+        s = self.steps_done
+        first = s == 0
+        if first:
+            embeds = self.model.embed(self.prompt.ids.to(self.model.device), self.prompt.splices)
+            pos = 0
+        else:
+            assert self._feedback is not None
+            embeds = self.model.embed(self._feedback.to(self.model.device))
+            pos = self.prompt.length + s - 1
+        h = self.model.hidden(embeds, self.cache, pos)[:, -1]  # (B, C)
+
+        audio: torch.Tensor | None = None
+        if task.audio_out:
+            audio = sample(self.model.audio_logits(h[self.prompt.audio_row]), self.sampling, self.generator).cpu()  # (7,)
+        if task.audio_out and self.text_ended:
+            text = layout.pad_t  # rule (1): once text has ended, _pad_t in output and feedback
+        else:
+            text = int(sample(self.model.text_logits(h[self.prompt.text_row : self.prompt.text_row + 1]), self.sampling, self.generator)[0])
+
+        if not first:
+            if task.audio_out:
+                assert audio is not None
+                if int(audio[-1]) == layout.eoa:  # rule (2): the last layer's _eoa ends the answer
+                    self.stop = "eoa"
+                    return None
+                if text == layout.eot:  # rule (3): the _eot itself is kept
+                    self.text_ended = True
+            elif text == layout.eot:
+                self.stop = "eot"
+                return None
+
+        self.text_steps.append(text)
+        frame = None
+        if audio is not None:
+            self.audio_steps.append(audio)
+            n = layout.num_audio_layers
+            if len(self.audio_steps) > n:
+                f = len(self.audio_steps) - n - 1
+                frame = tuple(int(self.audio_steps[f + i + 1][i]) for i in range(n))
+        self._feedback = self._make_feedback(text, audio)
+        self.steps_done += 1
+        return StepOutput(s, text, tuple(int(a) for a in audio) if audio is not None else None, frame)
+
+    def _make_feedback(self, text: int, audio: torch.Tensor | None) -> torch.Tensor:
+        rows = self.prompt.rows
+        ids = torch.empty((rows, self.layout.num_streams, 1), dtype=torch.long)
+        ids[:, : self.layout.num_audio_layers, 0] = self._pad_a_ids
+        if audio is not None:
+            ids[self.prompt.audio_row, : self.layout.num_audio_layers, 0] = audio + self._audio_shift
+        ids[:, self.layout.text_stream, 0] = text
+        return ids
+
+    def __iter__(self) -> Iterator[StepOutput]:
+        while (out := self.step()) is not None:
+            yield out
+
+    def run(self) -> GenerationResult:
+        for _ in self:
+            pass
+        return self.result()
+
+    def result(self) -> GenerationResult:
+        audio = (
+            torch.stack(self.audio_steps, dim=1)
+            if self.audio_steps
+            else torch.zeros((self.layout.num_audio_layers, 0), dtype=torch.long)
+        )
+        return GenerationResult(list(self.text_steps), audio, self.stop or "running", eot=self.layout.eot)

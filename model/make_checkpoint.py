@@ -1,0 +1,269 @@
+"""Random-weight checkpoints in exactly the upstream Mini-Omni layout.
+
+`tiny` loads and generates in seconds on a CPU; `full` has the real shapes (speed work).
+Weights are random but shaped so the demo behaves like a conversation partner: it
+emits varied tokens and ends its answers by itself (see `_shape_weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from whisper.model import ModelDimensions, Whisper
+
+from .checkpoint import LIT_MODEL, MODEL_CONFIG, TOKENIZER, omni_to_litgpt
+from .config import FULL_CONFIG, TINY_CONFIG, ModelConfig
+from .llm import OmniLM
+
+log = logging.getLogger(__name__)
+
+SIZES = ("tiny", "full")
+
+WHISPER_DIMS = {
+    "tiny": ModelDimensions(80, 1500, 64, 2, 2, 51865, 448, 64, 2, 2),
+    "full": ModelDimensions(80, 1500, 768, 12, 12, 51865, 448, 768, 12, 12),  # openai-whisper "small"
+}
+SNAC_CONFIGS = {
+    "tiny": {"decoder_dim": 64},
+    "full": {"decoder_dim": 1024},  # hubertsiuzdak/snac_24khz
+}
+_SNAC_24KHZ = {
+    "sampling_rate": 24000,
+    "encoder_dim": 48,
+    "encoder_rates": [2, 4, 8, 8],
+    "decoder_rates": [8, 8, 4, 2],
+    "attn_window_size": None,
+    "codebook_size": 4096,
+    "codebook_dim": 8,
+    "vq_strides": [4, 2, 1],
+    "noise": True,
+    "depthwise": True,
+}
+
+_CORPUS = """\
+Hello, how are you today? I am fine, thank you. What is your name? My name is Omni.
+What can you do? I can listen to you and answer with my voice. Tell me a joke.
+What is the weather like today? It is sunny and warm, with a light breeze from the sea.
+Do you like music? I like many kinds of music, from jazz to classical and pop songs.
+How do you make a cup of tea? Boil water, pour it over the leaves, and wait three minutes.
+Can you describe your surroundings? I live in a computer, so I hear voices and see numbers.
+What did you do yesterday? I talked with many people and learned about their day.
+What is your favorite book and why? I enjoy stories about travel and friendship.
+Can you explain the concept of time? Time is how we measure change from one moment to the next.
+Please stop. Okay, I will stop talking now. Yes, yeah, uh-huh, right, sure, no problem.
+Good morning! Good night! See you later. Thanks for listening. Let me think about that.
+The quick brown fox jumps over the lazy dog. One, two, three, four, five, six, seven, eight.
+"""
+
+# Hidden coordinates the random demo model reserves for its stopping circuit.
+C_CONST, C_GEN_T, C_GEN_A, C_SINK, C_STOP_T, C_STOP_A = range(6)
+_N_RESERVED = 6
+
+
+def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
+    """A small byte-level BPE (the real checkpoint carries Qwen2's 151k-token one)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    return tok
+
+
+@torch.no_grad()
+def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> None:
+    """Make random weights behave: varied tokens, answers that end by themselves.
+
+    Random layers get O(1) outputs so history matters. A counter head in layer 0 attends
+    to position 0 (an attention sink on _input_t, with a weight like K positions) and
+    uniformly elsewhere, averaging two indicators: "a text token was fed back" and "audio
+    codes were fed back". So its outputs grow like n / (K + T + n) over an answer of n
+    steps after a prompt of T. The head rows of _eot and of layer 6's _eoa fire once those
+    averages cross thresholds: text ends after ~20 steps, audio after ~40 (for ~1.5 s of
+    input), longer for longer questions. Every reserved coordinate is left untouched by the
+    other layers so the circuit survives any depth and width.
+    """
+    cfg, lay = model.config, model.layout
+    C, hs = cfg.n_embd, cfg.head_size
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    # -- embeddings: random content, fixed reserved coordinates
+    kappa, gamma_t, gamma_a, rho = 4.0, 8.0, 1.0, 8.0
+    E = model.backbone.embed_tokens.weight
+    E.copy_(randn(*E.shape))
+    E[:, :_N_RESERVED] = 0.0
+    E[:, C_CONST] = kappa
+    E[: lay.text_special_base, C_GEN_T] = gamma_t
+    for i in range(lay.num_audio_layers):
+        s = lay.audio_shift(i)
+        E[s : s + lay.num_codes, C_GEN_A] = gamma_a
+    E[lay.input_t, C_SINK] = rho
+
+    # -- transformer layers: O(1) random maps that never write the reserved coordinates
+    for layer in model.backbone.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            lin.weight.copy_(randn(*lin.weight.shape, std=0.7 / math.sqrt(lin.in_features)))
+            if lin.bias is not None:
+                lin.bias.zero_()
+        layer.self_attn.o_proj.weight[:_N_RESERVED] = 0.0
+        layer.mlp.down_proj.weight[:_N_RESERVED] = 0.0
+    for ad in (model.whisper_adapter, model.vision_adapter):
+        if ad is not None:
+            for lin in (ad.fc_1, ad.fc_2, ad.proj):
+                lin.weight.copy_(randn(*lin.weight.shape, std=1.0 / math.sqrt(lin.in_features)))
+            ad.proj.weight[:_N_RESERVED] = 0.0
+
+    # -- the counter head: layer 0, query group 0 (its q heads share kv head 0)
+    attn = model.backbone.layers[0].self_attn
+    d = hs // 2 - 1  # the slowest RoPE pair: position barely rotates it, so scores ignore distance
+    sink_weight = 128.0  # position 0 counts like this many positions
+    q_per_kv = cfg.q_per_kv
+    rms_guess = math.sqrt((kappa**2 + (C - _N_RESERVED) / 8) / C)  # typical RMS of an averaged embedding
+    const_n, sink_n = kappa / rms_guess, rho / 8 / rms_guess
+    qd = 4.0
+    kd = math.log(sink_weight) * math.sqrt(hs) / qd / sink_n
+    attn.q_proj.weight[: q_per_kv * hs] = 0.0
+    for h in range(q_per_kv):
+        attn.q_proj.weight[h * hs + d, C_CONST] = qd / const_n
+    attn.k_proj.weight[:hs] = 0.0
+    attn.k_proj.weight[d, C_SINK] = kd
+    attn.v_proj.weight[:hs] = 0.0
+    attn.v_proj.weight[0, C_GEN_T] = 1.0
+    attn.v_proj.weight[1, C_GEN_A] = 1.0
+    attn.o_proj.weight[:, : q_per_kv * hs] = 0.0
+    attn.o_proj.weight[C_STOP_T, 0] = 1.0
+    attn.o_proj.weight[C_STOP_A, 1] = 1.0
+
+    # -- output head: random rows for real tokens, thresholds for _eot / _eoa, specials never
+    W = model.lm_head.weight
+    W.copy_(randn(*W.shape, std=3.0 / math.sqrt(C)))
+    W[:, :_N_RESERVED] = 0.0
+    never = -4.0  # logit offset (times the normed const coordinate) of ids the demo must not emit
+    text_rows = W[: lay.padded_text_vocab_size]
+    allowed = torch.zeros(lay.padded_text_vocab_size, dtype=torch.bool)
+    allowed[torch.tensor(speakable, dtype=torch.long)] = True
+    text_rows[~allowed] = 0.0
+    text_rows[~allowed, C_CONST] = never
+    # Anti-repeat: each real token's row points away from its own embedding, so feeding a
+    # token back makes it less likely next step (random greedy decoding loves fixed points).
+    anti = 1.0 / kappa
+    text_rows[allowed, _N_RESERVED:] -= anti * E[: lay.padded_text_vocab_size][allowed, _N_RESERVED:]
+    for i in range(lay.num_audio_layers):
+        s = lay.audio_shift(i)
+        W[s + lay.num_codes : s + lay.padded_audio_vocab_size, :] = 0.0
+        W[s + lay.num_codes : s + lay.padded_audio_vocab_size, C_CONST] = never
+        W[s : s + lay.num_codes, _N_RESERVED:] -= anti * E[s : s + lay.num_codes, _N_RESERVED:]
+    # The counters grow through an answer; real tokens read them with random weights, so
+    # the preferred tokens drift as the answer goes on instead of settling into a loop.
+    drift = 8.0
+    real = torch.cat([allowed, torch.ones(W.shape[0] - lay.padded_text_vocab_size, dtype=torch.bool)])
+    for i in range(lay.num_audio_layers):
+        s = lay.audio_shift(i)
+        real[s + lay.num_codes : s + lay.padded_audio_vocab_size] = False
+    W[real, C_STOP_T] = randn(int(real.sum()), std=drift)
+    W[real, C_STOP_A] = randn(int(real.sum()), std=drift)
+    sharp = 200.0
+    # Thresholds on the counter outputs, as fractions of the normed const coordinate.
+    gen_t_n = gamma_t / 8 / rms_guess
+    gen_a_n = gamma_a * 7 / 8 / rms_guess
+    u_t, u_a = 0.088 * gen_t_n, 0.163 * gen_a_n
+    W[lay.eot, :] = 0.0
+    W[lay.eot, C_STOP_T] = sharp
+    W[lay.eot, C_CONST] = -sharp * u_t / kappa
+    eoa6 = lay.audio_global(lay.eoa, lay.num_audio_layers - 1)
+    W[eoa6, :] = 0.0
+    W[eoa6, C_STOP_A] = sharp
+    W[eoa6, C_CONST] = -sharp * u_a / kappa
+
+
+def speakable_ids(tok: Tokenizer) -> list[int]:
+    """Token ids that decode to a word or punctuation (no stray bytes): what the demo may say."""
+    ids = []
+    for i in range(tok.get_vocab_size()):
+        piece = tok.decode([i])
+        word = piece.strip()
+        if (word.isalpha() and len(word) >= 2 and word.isascii()) or word in {".", ",", "?", "!"}:
+            ids.append(i)
+    return ids
+
+
+def random_llm(cfg: ModelConfig, seed: int, speakable: list[int]) -> OmniLM:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = OmniLM(cfg)
+    g = torch.Generator().manual_seed(seed)
+    _shape_weights(model, speakable, g)
+    return model.eval()
+
+
+def _snac_legacy_state_dict(sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parametrized weight-norm names -> the legacy weight_g / weight_v names the hub file uses."""
+    for key, value in sd.items():
+        if key.endswith(".parametrizations.weight.original0"):
+            yield key.replace(".parametrizations.weight.original0", ".weight_g"), value
+        elif key.endswith(".parametrizations.weight.original1"):
+            yield key.replace(".parametrizations.weight.original1", ".weight_v"), value
+        else:
+            yield key, value
+
+
+def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight Mini-Omni checkpoint directory; deterministic per (size, seed)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    from snac import SNAC
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TINY_CONFIG if size == "tiny" else FULL_CONFIG
+    cfg = cfg.replace(name=f"mini-omni-random-{size}")
+
+    log.info("training the demo tokenizer")
+    tok = train_tokenizer()
+    tok.save(str(out / TOKENIZER))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": False, "tokenizer_class": "Qwen2Tokenizer", "model_max_length": cfg.block_size}, indent=2) + "\n"
+    )
+    (out / MODEL_CONFIG).write_text(yaml.safe_dump(cfg.to_litgpt_dict(), sort_keys=True))
+
+    log.info("making random %s LLM weights (seed %d)", size, seed)
+    llm = random_llm(cfg, seed, speakable_ids(tok))
+    torch.save(omni_to_litgpt(llm.state_dict(), cfg), out / LIT_MODEL)
+    del llm
+
+    log.info("making random Whisper encoder weights")
+    dims = WHISPER_DIMS[size]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        whisper = Whisper(dims)
+    (out / "whisper").mkdir(exist_ok=True)
+    whisper_sd = {k: v.half() if size == "full" else v for k, v in whisper.state_dict().items()}
+    torch.save({"dims": asdict(dims), "model_state_dict": whisper_sd}, out / "whisper" / "small.pt")
+    del whisper
+
+    log.info("making random SNAC weights")
+    snac_cfg = {**_SNAC_24KHZ, **SNAC_CONFIGS[size]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        snac = SNAC(**snac_cfg)
+    (out / "snac").mkdir(exist_ok=True)
+    (out / "snac" / "config.json").write_text(json.dumps(snac_cfg, indent=2) + "\n")
+    torch.save(dict(_snac_legacy_state_dict(snac.state_dict())), out / "snac" / "pytorch_model.bin")
+    (out / "README.md").write_text(
+        f"Random-weight Mini-Omni checkpoint ({size}, seed {seed}) written by `omnivox make-checkpoint`.\n"
+        "It has the upstream file layout and shapes but no training: it speaks noise.\n"
+    )
+    return out

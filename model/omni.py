@@ -1,0 +1,108 @@
+"""OmniModel: a loaded checkpoint (LLM, tokenizer, Whisper encoder, SNAC) and the
+high-level calls every front end uses: build a prompt, start a generation, decode audio.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import WhisperEncoder
+from .checkpoint import (
+    LIT_MODEL,
+    MODEL_CONFIG,
+    build_llm,
+    litgpt_to_omni,
+    load_lit_state_dict,
+    load_snac,
+    load_whisper,
+    resolve_checkpoint,
+)
+from .codec import SnacCodec, replace_non_codes
+from .config import ModelConfig
+from .decoding import Generation, SamplingConfig
+from .errors import CheckpointError, InputError
+from .layout import TokenLayout
+from .llm import OmniLM
+from .prompts import Prompt, Task, build_prompt
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class OmniModel:
+    config: ModelConfig
+    llm: OmniLM
+    tokenizer: TextTokenizer
+    whisper: WhisperEncoder | None
+    codec: SnacCodec | None
+    source: str
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.config.layout
+
+    @classmethod
+    def load(
+        cls,
+        spec: str | Path,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        with_whisper: bool = True,
+        with_snac: bool = True,
+    ) -> OmniModel:
+        """Load a checkpoint directory or hub id (see DESIGN.md section 2 for the layout)."""
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CheckpointError(f"device {device} was asked for but CUDA is not available")
+        t0 = time.perf_counter()
+        root = resolve_checkpoint(spec)
+        config = ModelConfig.from_yaml(root / MODEL_CONFIG)
+        lit_sd = load_lit_state_dict(root / LIT_MODEL)
+        llm = build_llm(config, litgpt_to_omni(lit_sd, config, str(root / LIT_MODEL)), device, torch_dtype)
+        tokenizer = TextTokenizer.from_dir(root)
+        whisper = load_whisper(root).to(device) if with_whisper else None
+        if whisper is not None and whisper.feature_dim != config.whisper_adapter_dim:
+            raise CheckpointError(
+                f"Whisper encoder width {whisper.feature_dim} != whisper_adapter_dim {config.whisper_adapter_dim} in {MODEL_CONFIG}"
+            )
+        codec = load_snac(root) if with_snac else None
+        if codec is not None:
+            codec.snac.to(device)
+        log.info("loaded %s (%s, %s) in %.1f s", root, device, torch_dtype, time.perf_counter() - t0)
+        return cls(config, llm, tokenizer, whisper, codec, str(root))
+
+    def encode_audio(self, audio: np.ndarray) -> torch.Tensor:
+        """16 kHz mono float audio -> (L, C) Whisper features."""
+        if self.whisper is None:
+            raise InputError("this model was loaded without a Whisper encoder")
+        return self.whisper.encode(audio)
+
+    def prompt(self, task: Task, *, audio: np.ndarray | None = None, text: str | None = None) -> Prompt:
+        if task.audio_in:
+            if audio is None:
+                raise InputError(f"task {task.value} needs input audio")
+            return build_prompt(task, self.layout, audio_features=self.encode_audio(audio))
+        if text is None or not text.strip():
+            raise InputError(f"task {task.value} needs a non-empty input text")
+        return build_prompt(task, self.layout, text_ids=self.tokenizer.encode(text))
+
+    def start(self, prompt: Prompt, sampling: SamplingConfig | None = None, max_new_tokens: int | None = None) -> Generation:
+        return Generation(self.llm, prompt, sampling, max_new_tokens)
+
+    def decode_frames(self, frames: torch.Tensor) -> np.ndarray:
+        """(N, 7) raw frames -> 24 kHz float audio; non-code ids replaced (see codec.replace_non_codes)."""
+        if self.codec is None:
+            raise InputError("this model was loaded without SNAC")
+        return self.codec.decode(replace_non_codes(frames, self.layout.num_codes))
+
+    def text_of(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids).strip()

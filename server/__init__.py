@@ -1,0 +1,1 @@
+"""omnivox server package."""

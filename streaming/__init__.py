@@ -1,0 +1,1 @@
+"""omnivox streaming package."""

@@ -130,7 +130,7 @@ def build_llm(cfg: ModelConfig, omni_sd: dict[str, torch.Tensor], device: str | 
         model.lm_head.weight = model.backbone.embed_tokens.weight
     # Non-persistent buffers were made on the meta device: rebuild RoPE in fp32 on the target device.
     model.backbone.rotary_emb = Qwen2RotaryEmbedding(config=model.backbone.config).to(device)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def load_lit_state_dict(path: Path) -> dict[str, torch.Tensor]:

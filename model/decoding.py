@@ -104,8 +104,11 @@ class Generation:
         prompt: Prompt,
         sampling: SamplingConfig | None = None,
         max_new_tokens: int | None = None,
+        stop_rules: bool = True,
     ) -> None:
+        """stop_rules=False runs exactly the budget (benchmarks time steps, not answers)."""
         self.model = model
+        self.stop_rules = stop_rules
         self.prompt = prompt
         self.layout = model.layout
         self.sampling = sampling or SamplingConfig()
@@ -162,7 +165,7 @@ class Generation:
         else:
             text = int(sample(self.model.text_logits(h[self.prompt.text_row : self.prompt.text_row + 1]), self.sampling, self.generator)[0])
 
-        if not first:
+        if not first and self.stop_rules:
             if task.audio_out:
                 assert audio is not None
                 if int(audio[-1]) == layout.eoa:  # rule (2): the last layer's _eoa ends the answer

@@ -64,8 +64,8 @@ The quick brown fox jumps over the lazy dog. One, two, three, four, five, six, s
 """
 
 # Hidden coordinates the random demo model reserves for its stopping circuit.
-C_CONST, C_GEN_T, C_GEN_A, C_SINK, C_STOP_T, C_STOP_A = range(6)
-_N_RESERVED = 6
+C_CONST, C_SINK, C_ANS, C_AFTER, C_STOP = range(5)
+_N_RESERVED = 5
 
 
 def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
@@ -84,32 +84,35 @@ def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
 def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> None:
     """Make random weights behave: varied tokens, answers that end by themselves.
 
-    Random layers get O(1) outputs so history matters. A counter head in layer 0 attends
-    to position 0 (an attention sink on _input_t, with a weight like K positions) and
-    uniformly elsewhere, averaging two indicators: "a text token was fed back" and "audio
-    codes were fed back". So its outputs grow like n / (K + T + n) over an answer of n
-    steps after a prompt of T. The head rows of _eot and of layer 6's _eoa fire once those
-    averages cross thresholds: text ends after ~20 steps, audio after ~40 (for ~1.5 s of
-    input), longer for longer questions. Every reserved coordinate is left untouched by the
-    other layers so the circuit survives any depth and width.
+    Random layers get O(1) outputs so history matters, and a two-head circuit counts the
+    answer's length. Layer 0: a "flag" head attends (very strongly) to the answer marker
+    (_answer_t / _asr, the prompt's last text token) when it is in its causal window, so
+    its output is ~1 at the answer's positions and 0 inside the prompt. Layer 1: a counter
+    head attends to position 0 (an attention sink on _input_t, weighted like K positions)
+    and uniformly elsewhere, averaging that flag: it grows like n / (K + T + n) over an
+    answer of n steps after a prompt of T. The head rows of _eot and of layer 6's _eoa fire
+    when it crosses two thresholds: text ends after ~15 steps, audio after ~40, a little
+    longer for longer questions. Attention scores use the slowest RoPE pair, which barely
+    rotates over 2048 positions, so they ignore distance. No other weight writes the
+    reserved coordinates, so the circuit works at any depth >= 2 and any width.
     """
     cfg, lay = model.config, model.layout
     C, hs = cfg.n_embd, cfg.head_size
+    if cfg.n_layer < 2:
+        raise ValueError("the random demo model needs at least 2 layers")
 
     def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
     # -- embeddings: random content, fixed reserved coordinates
-    kappa, gamma_t, gamma_a, rho = 4.0, 8.0, 1.0, 8.0
+    kappa, rho = 4.0, 8.0
     E = model.backbone.embed_tokens.weight
     E.copy_(randn(*E.shape))
     E[:, :_N_RESERVED] = 0.0
     E[:, C_CONST] = kappa
-    E[: lay.text_special_base, C_GEN_T] = gamma_t
-    for i in range(lay.num_audio_layers):
-        s = lay.audio_shift(i)
-        E[s : s + lay.num_codes, C_GEN_A] = gamma_a
     E[lay.input_t, C_SINK] = rho
+    E[lay.answer_t, C_ANS] = rho
+    E[lay.asr, C_ANS] = rho
 
     # -- transformer layers: O(1) random maps that never write the reserved coordinates
     for layer in model.backbone.layers:
@@ -126,26 +129,27 @@ def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> N
                 lin.weight.copy_(randn(*lin.weight.shape, std=1.0 / math.sqrt(lin.in_features)))
             ad.proj.weight[:_N_RESERVED] = 0.0
 
-    # -- the counter head: layer 0, query group 0 (its q heads share kv head 0)
-    attn = model.backbone.layers[0].self_attn
-    d = hs // 2 - 1  # the slowest RoPE pair: position barely rotates it, so scores ignore distance
-    sink_weight = 128.0  # position 0 counts like this many positions
+    d = hs // 2 - 1  # the slowest RoPE pair
     q_per_kv = cfg.q_per_kv
     rms_guess = math.sqrt((kappa**2 + (C - _N_RESERVED) / 8) / C)  # typical RMS of an averaged embedding
-    const_n, sink_n = kappa / rms_guess, rho / 8 / rms_guess
+    const_n, marker_n = kappa / rms_guess, rho / 8 / rms_guess
     qd = 4.0
-    kd = math.log(sink_weight) * math.sqrt(hs) / qd / sink_n
-    attn.q_proj.weight[: q_per_kv * hs] = 0.0
-    for h in range(q_per_kv):
-        attn.q_proj.weight[h * hs + d, C_CONST] = qd / const_n
-    attn.k_proj.weight[:hs] = 0.0
-    attn.k_proj.weight[d, C_SINK] = kd
-    attn.v_proj.weight[:hs] = 0.0
-    attn.v_proj.weight[0, C_GEN_T] = 1.0
-    attn.v_proj.weight[1, C_GEN_A] = 1.0
-    attn.o_proj.weight[:, : q_per_kv * hs] = 0.0
-    attn.o_proj.weight[C_STOP_T, 0] = 1.0
-    attn.o_proj.weight[C_STOP_A, 1] = 1.0
+
+    def sink_head(layer: int, key_coord: int, log_weight: float, value_coord: int, out_coord: int) -> None:
+        """Query group 0 of `layer` attends to positions holding key_coord with weight e^log_weight."""
+        attn = model.backbone.layers[layer].self_attn
+        attn.q_proj.weight[: q_per_kv * hs] = 0.0
+        for h in range(q_per_kv):
+            attn.q_proj.weight[h * hs + d, C_CONST] = qd / const_n
+        attn.k_proj.weight[:hs] = 0.0
+        attn.k_proj.weight[d, key_coord] = log_weight * math.sqrt(hs) / qd / marker_n
+        attn.v_proj.weight[:hs] = 0.0
+        attn.v_proj.weight[0, value_coord] = 1.0
+        attn.o_proj.weight[:, : q_per_kv * hs] = 0.0
+        attn.o_proj.weight[out_coord, 0] = 1.0
+
+    sink_head(0, C_ANS, 14.0, C_ANS, C_AFTER)  # flag: ~1 once the answer marker is in view
+    sink_head(1, C_SINK, math.log(SINK_WEIGHT), C_AFTER, C_STOP)  # counter
 
     # -- output head: random rows for real tokens, thresholds for _eot / _eoa, specials never
     W = model.lm_head.weight
@@ -161,32 +165,29 @@ def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> N
     # token back makes it less likely next step (random greedy decoding loves fixed points).
     anti = 1.0 / kappa
     text_rows[allowed, _N_RESERVED:] -= anti * E[: lay.padded_text_vocab_size][allowed, _N_RESERVED:]
+    real = torch.cat([allowed, torch.ones(W.shape[0] - lay.padded_text_vocab_size, dtype=torch.bool)])
     for i in range(lay.num_audio_layers):
         s = lay.audio_shift(i)
         W[s + lay.num_codes : s + lay.padded_audio_vocab_size, :] = 0.0
         W[s + lay.num_codes : s + lay.padded_audio_vocab_size, C_CONST] = never
         W[s : s + lay.num_codes, _N_RESERVED:] -= anti * E[s : s + lay.num_codes, _N_RESERVED:]
-    # The counters grow through an answer; real tokens read them with random weights, so
-    # the preferred tokens drift as the answer goes on instead of settling into a loop.
-    drift = 8.0
-    real = torch.cat([allowed, torch.ones(W.shape[0] - lay.padded_text_vocab_size, dtype=torch.bool)])
-    for i in range(lay.num_audio_layers):
-        s = lay.audio_shift(i)
         real[s + lay.num_codes : s + lay.padded_audio_vocab_size] = False
-    W[real, C_STOP_T] = randn(int(real.sum()), std=drift)
-    W[real, C_STOP_A] = randn(int(real.sum()), std=drift)
+    # The counter grows through an answer; real tokens read it with random weights, so the
+    # preferred tokens drift as the answer goes on instead of settling into a loop.
+    W[real, C_STOP] = randn(int(real.sum()), std=DRIFT)
+    # _eot / _eoa fire once the counter, relative to the const coordinate, crosses a threshold.
     sharp = 200.0
-    # Thresholds on the counter outputs, as fractions of the normed const coordinate.
-    gen_t_n = gamma_t / 8 / rms_guess
-    gen_a_n = gamma_a * 7 / 8 / rms_guess
-    u_t, u_a = 0.088 * gen_t_n, 0.163 * gen_a_n
     W[lay.eot, :] = 0.0
-    W[lay.eot, C_STOP_T] = sharp
-    W[lay.eot, C_CONST] = -sharp * u_t / kappa
+    W[lay.eot, C_STOP] = sharp
+    W[lay.eot, C_CONST] = -sharp * STOP_RATIO_TEXT
     eoa6 = lay.audio_global(lay.eoa, lay.num_audio_layers - 1)
     W[eoa6, :] = 0.0
-    W[eoa6, C_STOP_A] = sharp
-    W[eoa6, C_CONST] = -sharp * u_a / kappa
+    W[eoa6, C_STOP] = sharp
+    W[eoa6, C_CONST] = -sharp * STOP_RATIO_AUDIO
+
+
+# Tuned on the tiny model (see tests/test_decoding.py): answers of ~20 text tokens and ~3-5 s of audio.
+SINK_WEIGHT, DRIFT, STOP_RATIO_TEXT, STOP_RATIO_AUDIO = 512.0, 8.0, 0.07, 0.13
 
 
 def speakable_ids(tok: Tokenizer) -> list[int]:
@@ -249,6 +250,8 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         whisper = Whisper(dims)
+        # The decoder's positional embedding is left as torch.empty: fill it so files are reproducible.
+        torch.nn.init.normal_(whisper.decoder.positional_embedding, std=0.01)
     (out / "whisper").mkdir(exist_ok=True)
     whisper_sd = {k: v.half() if size == "full" else v for k, v in whisper.state_dict().items()}
     torch.save({"dims": asdict(dims), "model_state_dict": whisper_sd}, out / "whisper" / "small.pt")
@@ -267,3 +270,25 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
         "It has the upstream file layout and shapes but no training: it speaks noise.\n"
     )
     return out
+
+
+def cached_checkpoint(cache_root: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """The random checkpoint (size, seed) under cache_root, made once; atomic against crashes."""
+    import shutil
+    import tempfile
+
+    target = Path(cache_root) / f"random-{size}-seed{seed}"
+    if (target / LIT_MODEL).is_file() and (target / "snac" / "pytorch_model.bin").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("making the %s random checkpoint in %s (once)", size, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        make_checkpoint(tmp, size, seed)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

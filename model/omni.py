@@ -95,8 +95,14 @@ class OmniModel:
             raise InputError(f"task {task.value} needs a non-empty input text")
         return build_prompt(task, self.layout, text_ids=self.tokenizer.encode(text))
 
-    def start(self, prompt: Prompt, sampling: SamplingConfig | None = None, max_new_tokens: int | None = None) -> Generation:
-        return Generation(self.llm, prompt, sampling, max_new_tokens)
+    def start(
+        self,
+        prompt: Prompt,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int | None = None,
+        stop_rules: bool = True,
+    ) -> Generation:
+        return Generation(self.llm, prompt, sampling, max_new_tokens, stop_rules)
 
     def decode_frames(self, frames: torch.Tensor) -> np.ndarray:
         """(N, 7) raw frames -> 24 kHz float audio; non-code ids replaced (see codec.replace_non_codes)."""

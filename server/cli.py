@@ -1,0 +1,207 @@
+"""The `omnivox` command line: generate, make-checkpoint, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("omnivox")
+
+DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
+
+
+def cache_root() -> Path:
+    if os.environ.get("OMNIVOX_CACHE_DIR"):
+        return Path(os.environ["OMNIVOX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "omnivox"
+
+
+def demo_checkpoint(size: str = "tiny") -> Path:
+    from model.make_checkpoint import cached_checkpoint
+
+    return cached_checkpoint(cache_root() / "checkpoints", size, seed=0)
+
+
+def resolve_checkpoint_arg(args: argparse.Namespace) -> str:
+    if getattr(args, "checkpoint_dir", None):
+        return str(args.checkpoint_dir)
+    if getattr(args, "checkpoint", None):
+        return str(args.checkpoint)
+    log.warning(DEMO_WARNING)
+    return str(demo_checkpoint())
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint-dir", type=Path, help="local Mini-Omni checkpoint directory")
+    g.add_argument("--checkpoint", help="hub id such as gpt-omni/mini-omni (needs network or a cached copy)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import soundfile as sf
+
+    from model.audio import load_audio_file
+    from model.codec import SNAC_SAMPLE_RATE, to_pcm16
+    from model.decoding import SamplingConfig
+    from model.errors import InputError
+    from model.omni import OmniModel
+    from model.prompts import Task
+
+    task = Task(args.task)
+    if task.audio_in and not args.input_wav:
+        raise InputError(f"task {task.value} needs --input-wav")
+    if not task.audio_in and not args.input_text:
+        raise InputError(f"task {task.value} needs --input-text")
+    audio = load_audio_file(args.input_wav) if task.audio_in else None
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+    t0 = time.perf_counter()
+    model = OmniModel.load(resolve_checkpoint_arg(args), device=args.device, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+
+    t_start = time.perf_counter()
+    prompt = model.prompt(task, audio=audio, text=args.input_text)
+    t_encoded = time.perf_counter()
+    gen = model.start(prompt, sampling, args.max_new_tokens)
+    prefill_done = first_frame = None
+    steps = 0
+    for out in gen:
+        steps += 1
+        now = time.perf_counter()
+        if prefill_done is None:
+            prefill_done = now
+        if first_frame is None and out.frame is not None:
+            first_frame = now
+        if args.verbose and steps % 50 == 0:
+            log.info("step %d", steps)
+    t_end = time.perf_counter()
+    result = gen.result()
+    text = model.text_of(result.text_tokens)
+    decode_steps = max(steps - 1, 0)
+    decode_s = t_end - prefill_done if prefill_done is not None else 0.0
+    timings = {
+        "load_s": round(load_s, 3),
+        "encode_ms": round((t_encoded - t_start) * 1000, 2),
+        "prefill_ms": round(((prefill_done or t_end) - t_encoded) * 1000, 2),
+        "decode_steps": decode_steps,
+        "steps_per_s": round(decode_steps / decode_s, 2) if decode_s > 0 else None,
+        "first_frame_ms": round((first_frame - t_start) * 1000, 2) if first_frame is not None else None,
+    }
+    frames = result.frames
+    print(f"task {task.value}: {result.num_steps} steps, stop={result.stop}, {frames.shape[0]} audio frames")
+    print(f"text: {text}")
+    if args.output_wav:
+        if not task.audio_out:
+            log.warning("task %s has no audio output; %s not written", task.value, args.output_wav)
+        else:
+            pcm = to_pcm16(model.decode_frames(frames)) if frames.shape[0] else np.zeros(0, np.int16)
+            Path(args.output_wav).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(str(args.output_wav), pcm, SNAC_SAMPLE_RATE, subtype="PCM_16")
+            print(f"wrote {args.output_wav} ({pcm.size / SNAC_SAMPLE_RATE:.2f} s)")
+    if args.tokens_json:
+        doc: dict[str, Any] = {
+            "task": task.value,
+            "text": text,
+            "text_tokens": result.text_tokens,
+            "audio_tokens": frames.T.tolist() if task.audio_out else [[] for _ in range(7)],
+            "num_frames": int(frames.shape[0]),
+            "num_steps": result.num_steps,
+            "stop": result.stop,
+            "timings": timings,
+        }
+        Path(args.tokens_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.tokens_json).write_text(json.dumps(doc) + "\n")
+    log.info("timings %s", json.dumps(timings))
+    return 0
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from model.make_checkpoint import make_checkpoint
+
+    t0 = time.perf_counter()
+    out = make_checkpoint(args.out_dir, args.size, args.seed)
+    print(f"wrote random {args.size} checkpoint (seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from benchmarks.decode import bench_decode, print_table
+
+    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    result = bench_decode(ckpt, dtype=args.dtype, batch=args.batch, steps=args.steps,
+                          prompt_frames=args.prompt_frames, repeats=args.repeats, device=args.device)
+    print_table(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnivox", description="Mini-Omni voice assistant server and tools")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="run one task on a checkpoint and print/save the answer")
+    _add_checkpoint_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--input-wav", type=Path, help="input speech (any common rate/channels, at most 30 s)")
+    src.add_argument("--input-text", help="input text (t1a2, t1t2)")
+    g.add_argument("--task", default="a1a2", choices=["a1a2", "a1a2-single", "a1t2", "t1a2", "t1t2", "a1t1"])
+    g.add_argument("--max-new-tokens", type=int, default=None, help="decode-step budget (default: the model window)")
+    g.add_argument("--temperature", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=1, help="1 = greedy, as upstream (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (non-greedy only)")
+    g.add_argument("--output-wav", type=Path, help="write the answer audio (24 kHz PCM16)")
+    g.add_argument("--tokens-json", type=Path, help="write tokens, text and timings as JSON")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the upstream layout")
+    m.add_argument("out_dir", type=Path)
+    m.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_make_checkpoint)
+
+    b = sub.add_parser("bench", help="benchmarks that print a table and save JSON")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bd = bsub.add_parser("decode", help="prefill ms, decode steps/s, real-time factor")
+    _add_checkpoint_args(bd)
+    bd.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random checkpoint when none is given")
+    bd.add_argument("--batch", type=int, choices=[1, 2], default=2)
+    bd.add_argument("--steps", type=int, default=64)
+    bd.add_argument("--prompt-frames", type=int, default=100, help="Whisper frames in the prompt (50 per second)")
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--json", type=Path, help="save the result here")
+    bd.set_defaults(func=cmd_bench_decode)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from model.errors import OmnivoxError
+
+    try:
+        return int(args.func(args))
+    except OmnivoxError as e:
+        print(f"omnivox: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.make_checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt: Path):
+    from model.omni import OmniModel
+
+    return OmniModel.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def question_audio():
+    from model.audio import load_audio_file
+
+    return load_audio_file(FIXTURES / "question.wav")

@@ -1,0 +1,179 @@
+"""Checkpoint I/O: lit-gpt key conversion, KV-cache equivalence, errors, hub resolution."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model.checkpoint import (
+    build_llm,
+    fuse_qkv,
+    litgpt_to_omni,
+    omni_to_litgpt,
+    resolve_checkpoint,
+    split_qkv,
+)
+from model.config import TINY_CONFIG, ModelConfig
+from model.errors import CheckpointError
+from model.omni import OmniModel
+
+
+def test_fused_qkv_order_by_hand() -> None:
+    # 4 heads in 2 query groups, head_size 1: per group [q, q, k, v].
+    cfg = TINY_CONFIG.replace(n_head=4, n_query_groups=2, head_size=1)
+    fused = torch.arange(8.0).reshape(8, 1)
+    q, k, v = split_qkv(fused, cfg)
+    assert q.flatten().tolist() == [0, 1, 4, 5]
+    assert k.flatten().tolist() == [2, 6]
+    assert v.flatten().tolist() == [3, 7]
+    assert torch.equal(fuse_qkv(q, k, v, cfg), fused)
+    bias = torch.arange(8.0)
+    assert torch.equal(fuse_qkv(*split_qkv(bias, cfg), cfg), bias)
+
+
+def test_lit_round_trip_gives_identical_logits(tiny_model: OmniModel) -> None:
+    cfg = tiny_model.config
+    sd = tiny_model.llm.state_dict()
+    lit = omni_to_litgpt(sd, cfg)
+    assert "transformer.h.0.attn.attn.weight" in lit and "q_proj" not in "".join(lit)
+    qkv_rows = (cfg.n_head + 2 * cfg.n_query_groups) * cfg.head_size
+    assert lit["transformer.h.0.attn.attn.weight"].shape == (qkv_rows, cfg.n_embd)
+    again = build_llm(cfg, litgpt_to_omni(lit, cfg))
+    ids = torch.randint(0, cfg.padded_vocab_size, (2, 8, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        h1 = tiny_model.llm.hidden(tiny_model.llm.embed(ids), tiny_model.llm.new_cache(), 0)
+        h2 = again.hidden(again.embed(ids), again.new_cache(), 0)
+    assert torch.equal(tiny_model.llm.full_logits(h1), again.full_logits(h2))
+
+
+def test_kv_cached_steps_equal_one_full_forward(tiny_model: OmniModel) -> None:
+    llm = tiny_model.llm
+    ids = torch.randint(0, llm.config.padded_vocab_size, (2, 8, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = llm.full_logits(llm.hidden(llm.embed(ids), llm.new_cache(), 0))
+        cache = llm.new_cache()
+        parts = [llm.hidden(llm.embed(ids[..., :8]), cache, 0)]
+        for t in range(8, 12):
+            parts.append(llm.hidden(llm.embed(ids[..., t : t + 1]), cache, t))
+        stepped = llm.full_logits(torch.cat(parts, dim=1))
+    # Same math in another order: agreement to float32 rounding (stated tolerance 1e-4 abs).
+    assert torch.allclose(full, stepped, atol=1e-4, rtol=1e-5)
+    assert torch.equal(full.argmax(-1), stepped.argmax(-1))
+
+
+def test_logit_slices_equal_the_full_head(tiny_model: OmniModel) -> None:
+    llm = tiny_model.llm
+    h = torch.randn(3, llm.config.n_embd)
+    full = llm.full_logits(h)
+    assert torch.allclose(llm.text_logits(h), full[:, :152000], atol=1e-5)
+    audio = llm.audio_logits(h)
+    assert audio.shape == (3, 7, 4160)
+    for i in range(7):
+        assert torch.allclose(audio[:, i], full[:, 152000 + 4160 * i : 152000 + 4160 * (i + 1)], atol=1e-5)
+
+
+def test_tied_embeddings_only_when_configured() -> None:
+    cfg = TINY_CONFIG.replace(tie_word_embeddings=True)
+    from model.llm import OmniLM
+
+    m = OmniLM(cfg)
+    assert m.lm_head.weight is m.backbone.embed_tokens.weight
+    lit = omni_to_litgpt(m.state_dict(), cfg)
+    del lit["lm_head.weight"]  # a tied checkpoint may omit the head
+    rebuilt = build_llm(cfg, litgpt_to_omni(lit, cfg))
+    assert rebuilt.lm_head.weight is rebuilt.backbone.embed_tokens.weight
+    assert OmniLM(TINY_CONFIG).lm_head.weight is not OmniLM(TINY_CONFIG).backbone.embed_tokens.weight
+
+
+def test_config_yaml_round_trip(tiny_ckpt: Path) -> None:
+    cfg = ModelConfig.from_yaml(tiny_ckpt / "model_config.yaml")
+    assert cfg.replace(name=TINY_CONFIG.name) == TINY_CONFIG
+    raw = yaml.safe_load((tiny_ckpt / "model_config.yaml").read_text())
+    assert raw["padded_vocab_size"] == 181120 and raw["mlp_class_name"] == "LLaMAMLP"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda d: (d / "lit_model.pth").unlink(), "lit_model.pth is missing"),
+        (lambda d: (d / "model_config.yaml").unlink(), "model_config.yaml is missing"),
+        (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+        (lambda d: (d / "model_config.yaml").write_text("n_layer: [\n"), "not valid YAML"),
+        (lambda d: (d / "model_config.yaml").write_text("n_layer: 2\n"), "required key 'n_embd' is missing"),
+        (lambda d: (d / "lit_model.pth").write_bytes(b"garbage"), "not a readable torch state dict"),
+        (lambda d: (d / "tokenizer.json").write_text("{"), "not a valid tokenizers file"),
+        (lambda d: (d / "whisper" / "small.pt").write_bytes(b"x"), "small.pt is not a readable torch file"),
+        (lambda d: (d / "snac" / "config.json").write_text("{"), "not a valid SNAC config"),
+    ],
+)
+def test_bad_checkpoint_dirs_name_the_file(tiny_ckpt: Path, tmp_path: Path, breakage, message: str) -> None:
+    d = _copy(tiny_ckpt, tmp_path / "ck")
+    breakage(d)
+    with pytest.raises(CheckpointError, match=message):
+        OmniModel.load(d)
+
+
+def test_missing_weight_is_named(tiny_ckpt: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_ckpt, tmp_path / "ck")
+    sd = dict(torch.load(d / "lit_model.pth", weights_only=True))
+    del sd["transformer.h.1.mlp.fc_2.weight"]
+    torch.save(sd, d / "lit_model.pth")
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.1\.mlp\.fc_2\.weight' is missing"):
+        OmniModel.load(d)
+
+
+def test_unsupported_architecture_is_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_ckpt, tmp_path / "ck")
+    raw = yaml.safe_load((d / "model_config.yaml").read_text())
+    raw["parallel_residual"] = True
+    (d / "model_config.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(CheckpointError, match="parallel_residual"):
+        OmniModel.load(d)
+
+
+def test_nonexistent_dir_and_non_hub_id(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint("just-a-name")
+
+
+def test_hub_id_resolution_uses_the_downloader(tiny_ckpt: Path) -> None:
+    calls = []
+
+    def fake_download(repo_id: str) -> str:
+        calls.append(repo_id)
+        return str(tiny_ckpt)
+
+    assert resolve_checkpoint("gpt-omni/mini-omni", downloader=fake_download) == tiny_ckpt
+    assert calls == ["gpt-omni/mini-omni"]
+
+    def offline(repo_id: str) -> str:
+        raise OSError("no network")
+
+    with pytest.raises(CheckpointError, match="hub download failed: no network"):
+        resolve_checkpoint("gpt-omni/mini-omni", downloader=offline)
+
+
+def test_hub_id_loads_through_huggingface_hub(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: str(tiny_ckpt))
+    m = OmniModel.load("someone/mini-omni", with_whisper=False, with_snac=False)
+    assert m.source == str(tiny_ckpt)
+
+
+def test_whisper_falls_back_to_root_small_pt(tiny_ckpt: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_ckpt, tmp_path / "ck")
+    (d / "whisper" / "small.pt").rename(d / "small.pt")  # where the Mini-Omni2 release puts it
+    m = OmniModel.load(d, with_snac=False)
+    assert m.whisper is not None and m.whisper.feature_dim == 64

@@ -83,7 +83,9 @@ class WhisperEncoder(nn.Module):
     def __init__(self, dims: WhisperDims) -> None:
         super().__init__()
         self.dims = dims
-        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+        self.encoder = AudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+        )
 
     @property
     def feature_dim(self) -> int:
@@ -110,7 +112,9 @@ class WhisperEncoder(nn.Module):
         sd = {k[len(prefix) :]: v for k, v in blob["model_state_dict"].items() if k.startswith(prefix)}
         missing, unexpected = enc.encoder.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"{path}: encoder weights do not match dims (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise CheckpointError(
+                f"{path}: encoder weights do not match dims (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         enc.encoder.float()
         return enc.eval()
 

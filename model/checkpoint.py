@@ -17,7 +17,6 @@ from .codec import SnacCodec
 from .config import ModelConfig
 from .errors import CheckpointError
 from .llm import OmniLM
-from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,20 @@ def litgpt_to_omni(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str = 
         for lit_key, key in _LAYER_MAP.items():
             out[dst + key] = need(src + lit_key)
         wq, wk, wv = split_qkv(need(src + "attn.attn.weight"), cfg)
-        out[dst + "self_attn.q_proj.weight"], out[dst + "self_attn.k_proj.weight"], out[dst + "self_attn.v_proj.weight"] = wq, wk, wv
+        (
+            out[dst + "self_attn.q_proj.weight"],
+            out[dst + "self_attn.k_proj.weight"],
+            out[dst + "self_attn.v_proj.weight"],
+        ) = wq, wk, wv
         if cfg.add_qkv_bias:
             bq, bk, bv = split_qkv(need(src + "attn.attn.bias"), cfg)
         else:  # transformers' Qwen2 always has q/k/v biases: zeros are exactly "no bias"
             bq, bk, bv = (torch.zeros(w.shape[0], dtype=w.dtype) for w in (wq, wk, wv))
-        out[dst + "self_attn.q_proj.bias"], out[dst + "self_attn.k_proj.bias"], out[dst + "self_attn.v_proj.bias"] = bq, bk, bv
+        out[dst + "self_attn.q_proj.bias"], out[dst + "self_attn.k_proj.bias"], out[dst + "self_attn.v_proj.bias"] = (
+            bq,
+            bk,
+            bv,
+        )
     for adapter in _ADAPTERS:
         if adapter == "vision_adapter" and cfg.vision_adapter_dim is None:
             continue
@@ -107,17 +114,25 @@ def omni_to_litgpt(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         for lit_key, key in _LAYER_MAP.items():
             out[dst + lit_key] = sd[src + key]
         a = src + "self_attn."
-        out[dst + "attn.attn.weight"] = fuse_qkv(sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], cfg)
+        out[dst + "attn.attn.weight"] = fuse_qkv(
+            sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], cfg
+        )
         if cfg.add_qkv_bias:
-            out[dst + "attn.attn.bias"] = fuse_qkv(sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"], cfg)
+            out[dst + "attn.attn.bias"] = fuse_qkv(
+                sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"], cfg
+            )
     for key, value in sd.items():
         if key.split(".")[0] in _ADAPTERS:
             out[key] = value
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def build_llm(cfg: ModelConfig, omni_sd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> OmniLM:
+def build_llm(
+    cfg: ModelConfig,
+    omni_sd: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> OmniLM:
     """An OmniLM holding exactly these weights, built without a throw-away random init."""
     with torch.device("meta"):
         model = OmniLM(cfg)

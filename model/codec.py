@@ -107,7 +107,7 @@ class SnacCodec:
                 if enabled:
                     module.__dict__.pop("forward", None)
                 else:
-                    module.forward = _identity  # type: ignore[method-assign]
+                    module.forward = _identity
 
     @property
     def device(self) -> torch.device:

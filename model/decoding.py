@@ -159,11 +159,19 @@ class Generation:
 
         audio: torch.Tensor | None = None
         if task.audio_out:
-            audio = sample(self.model.audio_logits(h[self.prompt.audio_row]), self.sampling, self.generator).cpu()  # (7,)
+            audio = sample(
+                self.model.audio_logits(h[self.prompt.audio_row]), self.sampling, self.generator
+            ).cpu()  # (7,)
         if task.audio_out and self.text_ended:
             text = layout.pad_t  # rule (1): once text has ended, _pad_t in output and feedback
         else:
-            text = int(sample(self.model.text_logits(h[self.prompt.text_row : self.prompt.text_row + 1]), self.sampling, self.generator)[0])
+            text = int(
+                sample(
+                    self.model.text_logits(h[self.prompt.text_row : self.prompt.text_row + 1]),
+                    self.sampling,
+                    self.generator,
+                )[0]
+            )
 
         if not first and self.stop_rules:
             if task.audio_out:

@@ -30,7 +30,7 @@ class SwiGLUAdapter(nn.Module):
 
 
 def qwen2_config(cfg: ModelConfig) -> Qwen2Config:
-    config = Qwen2Config(
+    config = Qwen2Config(  # type: ignore[call-arg]  # head_dim is a documented extra kwarg
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.n_embd,
         intermediate_size=cfg.intermediate_size,

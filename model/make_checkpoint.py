@@ -13,10 +13,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from whisper.model import ModelDimensions, Whisper
 
 from .checkpoint import LIT_MODEL, MODEL_CONFIG, TOKENIZER, omni_to_litgpt
@@ -114,10 +117,19 @@ def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> N
     E[lay.answer_t, C_ANS] = rho
     E[lay.asr, C_ANS] = rho
 
+    layers = cast(list[Qwen2DecoderLayer], list(model.backbone.layers))
     # -- transformer layers: O(1) random maps that never write the reserved coordinates
-    for layer in model.backbone.layers:
-        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+    for layer in layers:
+        lin: nn.Linear
+        for lin in (
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+            layer.mlp.down_proj,
+        ):
             lin.weight.copy_(randn(*lin.weight.shape, std=0.7 / math.sqrt(lin.in_features)))
             if lin.bias is not None:
                 lin.bias.zero_()
@@ -137,7 +149,7 @@ def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> N
 
     def sink_head(layer: int, key_coord: int, log_weight: float, value_coord: int, out_coord: int) -> None:
         """Query group 0 of `layer` attends to positions holding key_coord with weight e^log_weight."""
-        attn = model.backbone.layers[layer].self_attn
+        attn = layers[layer].self_attn
         attn.q_proj.weight[: q_per_kv * hs] = 0.0
         for h in range(q_per_kv):
             attn.q_proj.weight[h * hs + d, C_CONST] = qd / const_n
@@ -236,7 +248,10 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
     tok = train_tokenizer()
     tok.save(str(out / TOKENIZER))
     (out / "tokenizer_config.json").write_text(
-        json.dumps({"add_bos_token": False, "tokenizer_class": "Qwen2Tokenizer", "model_max_length": cfg.block_size}, indent=2) + "\n"
+        json.dumps(
+            {"add_bos_token": False, "tokenizer_class": "Qwen2Tokenizer", "model_max_length": cfg.block_size}, indent=2
+        )
+        + "\n"
     )
     (out / MODEL_CONFIG).write_text(yaml.safe_dump(cfg.to_litgpt_dict(), sort_keys=True))
 

@@ -72,7 +72,8 @@ class OmniModel:
         whisper = load_whisper(root).to(device) if with_whisper else None
         if whisper is not None and whisper.feature_dim != config.whisper_adapter_dim:
             raise CheckpointError(
-                f"Whisper encoder width {whisper.feature_dim} != whisper_adapter_dim {config.whisper_adapter_dim} in {MODEL_CONFIG}"
+                f"Whisper encoder width {whisper.feature_dim} != whisper_adapter_dim "
+                f"{config.whisper_adapter_dim} in {MODEL_CONFIG}"
             )
         codec = load_snac(root) if with_snac else None
         if codec is not None:

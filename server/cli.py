@@ -138,8 +138,15 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     from benchmarks.decode import bench_decode, print_table
 
     ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
-    result = bench_decode(ckpt, dtype=args.dtype, batch=args.batch, steps=args.steps,
-                          prompt_frames=args.prompt_frames, repeats=args.repeats, device=args.device)
+    result = bench_decode(
+        ckpt,
+        dtype=args.dtype,
+        batch=args.batch,
+        steps=args.steps,
+        prompt_frames=args.prompt_frames,
+        repeats=args.repeats,
+        device=args.device,
+    )
     print_table(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,9 @@ TASKS = list(Task)
 
 
 def _run(model: OmniModel, task: Task, audio: np.ndarray, sampling: SamplingConfig | None = None):
-    prompt = model.prompt(task, audio=audio if task.audio_in else None, text=None if task.audio_in else "What is your name?")
+    prompt = model.prompt(
+        task, audio=audio if task.audio_in else None, text=None if task.audio_in else "What is your name?"
+    )
     g = model.start(prompt, sampling)
     outs = list(g)
     return g.result(), outs

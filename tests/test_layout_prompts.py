@@ -13,7 +13,11 @@ LAYOUT = FULL_CONFIG.layout
 
 def test_special_ids_are_the_upstream_values() -> None:
     assert (LAYOUT.eot, LAYOUT.pad_t, LAYOUT.input_t, LAYOUT.answer_t, LAYOUT.asr) == (
-        151936, 151937, 151938, 151939, 151940,
+        151936,
+        151937,
+        151938,
+        151939,
+        151940,
     )
     assert (LAYOUT.eoa, LAYOUT.pad_a, LAYOUT.input_a, LAYOUT.answer_a, LAYOUT.split) == (4096, 4097, 4098, 4099, 4100)
     assert (LAYOUT.image, LAYOUT.eoimage) == (4101, 4102)
@@ -35,10 +39,10 @@ T_IN = [151938, 151937, 151937, 151936]
 @pytest.mark.parametrize(
     ("task", "rows"),
     [
-        (Task.A1A2, [(A_IN + [4099], T_IN + [151939]), (A_IN + [4097], T_IN + [151939])]),
-        (Task.A1A2_SINGLE, [(A_IN + [4099], T_IN + [151939])]),
-        (Task.A1T2, [(A_IN + [4097], T_IN + [151939])]),
-        (Task.A1T1, [(A_IN + [4097], T_IN + [151940])]),
+        (Task.A1A2, [([*A_IN, 4099], [*T_IN, 151939]), ([*A_IN, 4097], [*T_IN, 151939])]),
+        (Task.A1A2_SINGLE, [([*A_IN, 4099], [*T_IN, 151939])]),
+        (Task.A1T2, [([*A_IN, 4097], [*T_IN, 151939])]),
+        (Task.A1T1, [([*A_IN, 4097], [*T_IN, 151940])]),
     ],
 )
 def test_audio_in_prompts(task: Task, rows: list[tuple[list[int], list[int]]]) -> None:

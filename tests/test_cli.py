@@ -1,0 +1,136 @@
+"""`omnivox generate` / `make-checkpoint` end to end, input handling and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from model.audio import feature_frames, load_audio_file
+from model.errors import InputError
+from model.make_checkpoint import make_checkpoint
+from server.cli import main
+
+from .conftest import FIXTURES
+
+
+@pytest.mark.parametrize("task", ["a1a2", "a1a2-single", "a1t2", "a1t1"])
+def test_generate_audio_tasks(tiny_ckpt: Path, tmp_path: Path, task: str, capsys) -> None:
+    out_json, out_wav = tmp_path / "t.json", tmp_path / "a.wav"
+    rc = main(["generate", "--checkpoint-dir", str(tiny_ckpt), "--task", task,
+               "--input-wav", str(FIXTURES / "question.wav"),
+               "--output-wav", str(out_wav), "--tokens-json", str(out_json)])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out_json.read_text())
+    assert doc["task"] == task
+    assert set(doc) >= {"text", "text_tokens", "audio_tokens", "num_frames", "num_steps", "stop", "timings"}
+    assert set(doc["timings"]) == {"load_s", "encode_ms", "prefill_ms", "decode_steps", "steps_per_s", "first_frame_ms"}
+    assert 151936 not in doc["text_tokens"]
+    assert f"text: {doc['text']}" in capsys.readouterr().out
+    if task in ("a1a2", "a1a2-single"):
+        assert doc["stop"] == "eoa"
+        assert len(doc["audio_tokens"]) == 7 and all(len(layer) == doc["num_frames"] for layer in doc["audio_tokens"])
+        assert doc["num_frames"] == doc["num_steps"] - 7
+        pcm, rate = sf.read(str(out_wav), dtype="int16")
+        assert rate == 24000 and pcm.shape == (doc["num_frames"] * 2048,)
+        assert doc["timings"]["first_frame_ms"] is not None
+    else:
+        assert doc["stop"] == "eot" and doc["num_frames"] == 0 and not out_wav.exists()
+
+
+@pytest.mark.parametrize("task", ["t1a2", "t1t2"])
+def test_generate_text_tasks(tiny_ckpt: Path, tmp_path: Path, task: str) -> None:
+    out_json = tmp_path / "t.json"
+    assert main(["generate", "--checkpoint-dir", str(tiny_ckpt), "--task", task,
+                 "--input-text", "What is your name?", "--tokens-json", str(out_json)]) == 0  # fmt: skip
+    doc = json.loads(out_json.read_text())
+    assert doc["timings"]["encode_ms"] < 1000 and doc["num_steps"] > 1
+
+
+def test_generate_budget(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out_json = tmp_path / "t.json"
+    main(["generate", "--checkpoint-dir", str(tiny_ckpt), "--task", "t1a2", "--input-text", "hi",
+          "--max-new-tokens", "9", "--tokens-json", str(out_json)])  # fmt: skip
+    doc = json.loads(out_json.read_text())
+    assert (doc["stop"], doc["num_steps"], doc["num_frames"]) == ("budget", 9, 2)
+
+
+def test_any_rate_and_channels_become_16k_mono() -> None:
+    mono = load_audio_file(FIXTURES / "question.wav")
+    stereo44 = load_audio_file(FIXTURES / "question_44k_stereo.wav")
+    assert mono.dtype == np.float32 and stereo44.dtype == np.float32
+    assert abs(stereo44.size - mono.size) <= 2
+    n = min(mono.size, stereo44.size)
+    assert np.corrcoef(mono[:n], stereo44[:n])[0, 1] > 0.99
+    raw, _ = sf.read(str(FIXTURES / "question.wav"), dtype="int16")
+    assert np.array_equal(mono, raw.astype(np.float32) / 32768.0)  # whisper.load_audio semantics
+
+
+def test_feature_frames_rule() -> None:
+    assert feature_frames(16000) == 51  # int(1000 / 20) + 1
+    assert feature_frames(21457) == 68
+    assert feature_frames(30 * 16000) == 1500  # capped at the encoder's 1500 frames
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: sf.write(str(p), np.zeros(0, np.int16), 16000), "is empty"),
+        (lambda p: sf.write(str(p), np.zeros(31 * 16000, np.int16), 16000), "at most 30 s"),
+        (lambda p: p.write_bytes(b"not a wav at all"), "cannot be read"),
+    ],
+)
+def test_bad_input_audio(tmp_path: Path, make, message: str) -> None:
+    p = tmp_path / "in.wav"
+    make(p)
+    with pytest.raises(InputError, match=message):
+        load_audio_file(p)
+
+
+def test_cli_reports_errors_cleanly(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    assert main(["generate", "--checkpoint-dir", str(tiny_ckpt), "--task", "a1a2",
+                 "--input-wav", str(tmp_path / "missing.wav")]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint-dir", str(tiny_ckpt), "--task", "t1t2"]) == 2
+    assert "needs --input-text" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint-dir", str(tmp_path / "nope"), "--task", "t1t2", "--input-text", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_make_checkpoint_is_deterministic_per_seed(tiny_ckpt: Path, tmp_path: Path) -> None:
+    again = make_checkpoint(tmp_path / "again", "tiny", seed=0)
+    other = make_checkpoint(tmp_path / "other", "tiny", seed=1)
+    files = ["lit_model.pth", "whisper/small.pt", "snac/pytorch_model.bin"]
+    for rel in files:
+        a, b = torch.load(tiny_ckpt / rel, weights_only=True), torch.load(again / rel, weights_only=True)
+        a = a.get("model_state_dict", a)
+        b = b.get("model_state_dict", b)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    for rel in ["model_config.yaml", "tokenizer.json", "snac/config.json"]:
+        assert (tiny_ckpt / rel).read_bytes() == (again / rel).read_bytes(), rel
+    a = torch.load(tiny_ckpt / "lit_model.pth", weights_only=True)
+    b = torch.load(other / "lit_model.pth", weights_only=True)
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_make_checkpoint_cli_writes_the_upstream_layout(tmp_path: Path) -> None:
+    assert main(["make-checkpoint", str(tmp_path / "ck"), "--size", "tiny", "--seed", "3"]) == 0
+    names = {str(p.relative_to(tmp_path / "ck")) for p in (tmp_path / "ck").rglob("*") if p.is_file()}
+    assert names >= {"lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
+                     "whisper/small.pt", "snac/config.json", "snac/pytorch_model.bin"}  # fmt: skip
+    whisper = torch.load(tmp_path / "ck" / "whisper" / "small.pt", weights_only=True)
+    assert set(whisper) == {"dims", "model_state_dict"}
+    assert any(k.startswith("decoder.") for k in whisper["model_state_dict"])  # a whole openai-whisper file
+
+
+def test_bench_decode_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "decode", "--checkpoint-dir", str(tiny_ckpt), "--steps", "8", "--repeats", "1",
+                 "--json", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["steps_per_s"] > 0 and doc["real_time_factor"] == pytest.approx(doc["steps_per_s"] / 11.71875, rel=1e-2)
+    assert {"cpu_model", "cores", "torch", "threads", "device"} <= set(doc["machine"])

@@ -177,3 +177,47 @@ def test_whisper_falls_back_to_root_small_pt(tiny_ckpt: Path, tmp_path: Path) ->
     (d / "whisper" / "small.pt").rename(d / "small.pt")  # where the Mini-Omni2 release puts it
     m = OmniModel.load(d, with_snac=False)
     assert m.whisper is not None and m.whisper.feature_dim == 64
+
+
+def test_whisper_falls_back_to_openai_whisper_cache(
+    tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = _copy(tiny_ckpt, tmp_path / "ck")
+    cache = tmp_path / "xdg" / "whisper"
+    cache.mkdir(parents=True)
+    shutil.move(str(d / "whisper" / "small.pt"), cache / "small.pt")  # openai-whisper's cache file name
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    m = OmniModel.load(d, with_snac=False)
+    assert m.whisper is not None
+    (cache / "small.pt").unlink()
+    import whisper
+
+    def no_network(url: str, root: str, in_memory: bool) -> str:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(whisper, "_download", no_network)
+    with pytest.raises(CheckpointError, match=r"Whisper weights not found.*network is unreachable"):
+        OmniModel.load(d, with_snac=False)
+
+
+def test_snac_falls_back_to_the_hub_id(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _copy(tiny_ckpt, tmp_path / "ck")
+    shutil.move(str(d / "snac"), tmp_path / "hub_snac")
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot(repo_id: str, allow_patterns=None) -> str:
+        asked.append(repo_id)
+        return str(tmp_path / "hub_snac")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    m = OmniModel.load(d, with_whisper=False)
+    assert asked == ["hubertsiuzdak/snac_24khz"] and m.codec is not None
+
+    def offline(repo_id: str, allow_patterns=None) -> str:
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match=r"SNAC weights not in the checkpoint.*offline"):
+        OmniModel.load(d, with_whisper=False)

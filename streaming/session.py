@@ -1,0 +1,441 @@
+"""One conversation: input audio -> VAD turn taking -> responses -> events, with barge-in.
+
+Driven by plain method calls from one caller thread (the transport), plus callbacks from
+the runner's and the recognizer's threads; a lock keeps the state consistent. Events come
+out of `poll()`: the session's own events, then the current response's, in order. A
+response that was cancelled or replaced never has another event forwarded (its id is no
+longer current), so late frames of an old answer are dropped, never sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.audio import MAX_INPUT_SECONDS
+from model.prompts import Task
+
+from .audio_in import MODEL_RATE, AudioHistory, InputResampler, InvalidAudio, decode_pcm16
+from .config import InterruptMode, SessionConfig
+from .detector import RecognizerWorker, bias_prompt, match_phrase
+from .events import (
+    AudioChunk,
+    Event,
+    InputCleared,
+    InputCommitted,
+    InputTranscript,
+    Interrupted,
+    ResponseCreated,
+    ResponseDone,
+    SessionError,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptDelta,
+)
+from .runner import ModelRunner, ResponseHandle, ResponseRequest
+from .vad import WINDOW, SileroVAD, TurnDetector, VadEdge
+
+log = logging.getLogger(__name__)
+
+MAX_TURN_SAMPLES = int(MAX_INPUT_SECONDS * MODEL_RATE)
+COMMAND_CHECK_EVERY = int(0.32 * MODEL_RATE)  # re-check a growing command segment this often
+
+
+def ms(samples: int) -> int:
+    return int(samples * 1000 // MODEL_RATE)
+
+
+@dataclass
+class _Barge:
+    """Speech heard while the assistant speaks."""
+
+    start: int  # absolute 16 kHz sample of the speech start
+    segment: int  # id, to ignore late recognizer answers
+    checked_until: int = 0
+    matched: str | None = None
+    final: bool = False
+
+
+class Session:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        vad: SileroVAD,
+        recognizer: RecognizerWorker | None = None,
+        config: SessionConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_events: int = 4096,
+    ) -> None:
+        self.runner = runner
+        self.vad = vad
+        self.recognizer = recognizer
+        self.clock = clock
+        self.config = config or SessionConfig()
+        self._lock = threading.RLock()
+        self._events: queue.Queue[Event] = queue.Queue(maxsize=max_events)
+        self._ids = itertools.count(1)
+        self._segments = itertools.count(1)
+        self._reset_input()
+        self.response: ResponseHandle | None = None
+        self._playback_until = 0.0  # clock time the sent audio finishes playing
+        self._response_audio_ms = 0.0
+        self._speech_end_at: float | None = None  # clock time the user's turn ended, for ttfa
+        self._ttfa_ms: float | None = None
+        self._barge: _Barge | None = None
+        self._last_item: tuple[str, np.ndarray | None, str | None] | None = None  # what a response answers
+        self._last_response_id = ""
+        self._response_text = ""  # transcript forwarded so far for the current response
+        self.closed = False
+
+    # ---------------- configuration ----------------
+
+    def _reset_input(self) -> None:
+        self._resampler = InputResampler(self.config.input_sample_rate)
+        self._vad_stream = self.vad.stream()
+        self._turns = TurnDetector(self.config.turn_detection) if self.config.turn_detection else None
+        self._history = AudioHistory(MAX_TURN_SAMPLES + 10 * MODEL_RATE)
+        self._pending = np.zeros(0, np.float32)  # 16 kHz samples not yet seen by the VAD
+        self._turn_start: int | None = None  # absolute sample where the open user turn begins
+        self._turn_item: str | None = None
+        self._buffer_start = 0  # push-to-talk: audio since the last commit/clear
+
+    def update(self, config: SessionConfig) -> None:
+        with self._lock:
+            rate_changed = config.input_sample_rate != self.config.input_sample_rate
+            vad_changed = config.turn_detection != self.config.turn_detection
+            self.config = config
+            if rate_changed or vad_changed:
+                now = self._history.end
+                self._reset_input()
+                self._history.start = now  # keep the input timeline monotonic
+                self._buffer_start = now
+
+    # ---------------- events ----------------
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self._events.put_nowait(event)
+        except queue.Full:
+            log.warning("session event queue full; dropping %s", type(event).__name__)
+
+    def poll(self) -> list[Event]:
+        """Everything that happened since the last call, in order."""
+        out: list[Event] = []
+        with self._lock:
+            while True:
+                try:
+                    out.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            h = self.response
+            if h is not None:
+                while True:
+                    try:
+                        ev = h.events.get_nowait()
+                    except queue.Empty:
+                        break
+                    out.append(self._on_response_event(h, ev))
+                    if isinstance(ev, ResponseDone):
+                        break
+                self.runner.wake()
+        return out
+
+    def _on_response_event(self, h: ResponseHandle, ev: Event) -> Event:
+        now = self.clock()
+        if isinstance(ev, AudioChunk):
+            if h.first_audio_sent_at is None:
+                h.mark_audio_sent(now)
+                self._playback_until = now
+                if self._speech_end_at is not None:
+                    self._ttfa_ms = (now - self._speech_end_at) * 1000
+            duration = len(ev.pcm) / 2 / 24000
+            self._playback_until = max(self._playback_until, now) + duration
+            self._response_audio_ms += duration * 1000
+        elif isinstance(ev, TranscriptDelta):
+            self._response_text += ev.delta
+        elif isinstance(ev, ResponseDone):
+            timings = dict(ev.timings)
+            timings["ttfa_ms"] = round(self._ttfa_ms, 2) if self._ttfa_ms is not None else None
+            ev = ResponseDone(**{**ev.__dict__, "timings": timings})
+            self.response = None
+        return ev
+
+    @property
+    def assistant_speaking(self) -> bool:
+        """Generating, or the audio already sent has not finished playing."""
+        return self.response is not None or self.clock() < self._playback_until
+
+    # ---------------- input audio ----------------
+
+    def append_audio(self, pcm: bytes) -> None:
+        """PCM16 mono at the configured input rate, any chunk size."""
+        try:
+            audio = decode_pcm16(pcm)
+        except InvalidAudio as e:
+            self._emit(SessionError("invalid_audio", str(e)))
+            return
+        with self._lock:
+            audio16 = self._resampler.process(audio)
+            self._history.append(audio16)
+            self._pending = np.concatenate([self._pending, audio16])
+            n_windows = self._pending.size // WINDOW
+            base = self._history.end - self._pending.size
+            for w in range(n_windows):
+                window = self._pending[w * WINDOW : (w + 1) * WINDOW]
+                self._on_window(window, base + w * WINDOW)
+            self._pending = self._pending[n_windows * WINDOW :]
+            self._check_turn_limit()
+
+    def _on_window(self, window: np.ndarray, start: int) -> None:
+        prob = self._vad_stream.prob(window)
+        if self._turns is None:
+            return
+        edge = self._turns.update(prob, start)
+        if self._barge is not None:
+            self._on_barge_window(edge, start + WINDOW)
+            return
+        if edge is None:
+            return
+        if edge.kind == "start":
+            if self.assistant_speaking and self._barge_applies():
+                self._start_barge(edge.sample)
+                return
+            self._open_turn(edge.sample)
+        elif self._turn_start is not None:
+            self._emit(SpeechStopped(self._turn_item or "", ms(edge.sample)))
+            self._commit_turn(self._turn_start, edge.sample)
+
+    def _barge_applies(self) -> bool:
+        td = self.config.turn_detection
+        return td is not None and td.interrupt_response
+
+    def _open_turn(self, speech_start: int) -> None:
+        assert self.config.turn_detection is not None
+        self._turn_item = self._new_id("item")
+        self._turn_start = max(self._history.start, speech_start - self.config.turn_detection.prefix_padding_ms * 16)
+        self._emit(SpeechStarted(self._turn_item, ms(speech_start)))
+
+    def _check_turn_limit(self) -> None:
+        start = self._turn_start if self._turns is not None else self._buffer_start
+        if start is None or self._history.end - start < MAX_TURN_SAMPLES:
+            return
+        cut = start + MAX_TURN_SAMPLES
+        self._emit(SessionError("input_too_long", "the turn reached the model's 30 s window: committed at the limit"))
+        if self._turns is not None:
+            self._commit_turn(start, cut, truncated=True)
+            # The speech goes on: what follows is a new turn.
+            self._turn_item = self._new_id("item")
+            self._turn_start = cut
+            self._emit(SpeechStarted(self._turn_item, ms(cut)))
+        else:
+            self._commit_audio(self._new_id("item"), self._history.slice(start, cut), truncated=True)
+            self._buffer_start = cut
+
+    def _commit_turn(self, start: int, end: int, truncated: bool = False) -> None:
+        item = self._turn_item or self._new_id("item")
+        self._turn_start = None
+        self._turn_item = None
+        self._commit_audio(item, self._history.slice(start, end), truncated)
+
+    def _commit_audio(self, item: str, audio: np.ndarray, truncated: bool = False) -> None:
+        self._emit(InputCommitted(item, ms(audio.size), truncated))
+        self._speech_end_at = self.clock()
+        if self.config.transcribe_input and self.recognizer is not None:
+            self.recognizer.submit(audio, None, lambda text: self._emit(InputTranscript(item, text)), wait=False)
+        td = self.config.turn_detection
+        if td is None or td.create_response:
+            self._start_response(item, audio=audio)
+        else:
+            self._last_item = (item, audio, None)
+
+    def commit(self) -> None:
+        """End the user turn now (push-to-talk, or forcing the end with server VAD)."""
+        with self._lock:
+            start = self._turn_start if self._turns is not None else self._buffer_start
+            end = self._history.end
+            if start is None or end - start <= 0:
+                self._emit(SessionError("input_audio_buffer_commit_empty", "there is no uncommitted audio to commit"))
+                return
+            if self._turns is not None:
+                self._turns.reset()
+                self._commit_turn(start, end)
+            else:
+                self._buffer_start = end
+                self._commit_audio(self._new_id("item"), self._history.slice(start, end))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffer_start = self._history.end
+            self._turn_start = None
+            self._turn_item = None
+            if self._turns is not None:
+                self._turns.reset()
+            self._emit(InputCleared())
+
+    # ---------------- text turns and responses ----------------
+
+    def add_text(self, text: str, create_response: bool = False) -> str:
+        with self._lock:
+            item = self._new_id("item")
+            self._last_item = (item, None, text)
+            if create_response:
+                self._start_response(item, text=text)
+            return item
+
+    def create_response(self, output_modalities: tuple[str, ...] | None = None) -> str | None:
+        """Answer the last user item (a committed turn or a text message)."""
+        with self._lock:
+            last = self._last_item
+            if last is None:
+                self._emit(SessionError("invalid_request", "there is no user input to respond to"))
+                return None
+            item, audio, text = last
+            return self._start_response(item, audio=audio, text=text, output_modalities=output_modalities)
+
+    def _start_response(
+        self,
+        item: str,
+        audio: np.ndarray | None = None,
+        text: str | None = None,
+        output_modalities: tuple[str, ...] | None = None,
+    ) -> str | None:
+        self._last_item = (item, audio, text)
+        if self.response is not None:
+            self._emit(SessionError("response_in_progress", "a response is already in progress; cancel it first"))
+            return None
+        modalities = output_modalities or self.config.output_modalities
+        audio_out = "audio" in modalities
+        if audio is not None:
+            task = Task.A1A2 if audio_out else Task.A1T2
+        else:
+            task = Task.T1A2 if audio_out else Task.T1T2
+        cfg = self.config
+        request = ResponseRequest(
+            task=task,
+            audio=audio,
+            text=text,
+            sampling=cfg.sampling,
+            max_new_tokens=cfg.max_new_tokens,
+            chunk_frames=cfg.chunk_frames,
+            left_context_frames=cfg.left_context_frames,
+            lookahead_frames=cfg.lookahead_frames,
+            max_audio_lead_ms=cfg.max_audio_lead_ms,
+        )
+        response_id = self._new_id("resp")
+        handle = ResponseHandle(response_id, self._new_id("item"), request)
+        try:
+            self.runner.submit(handle)
+        except queue.Full:
+            self._emit(SessionError("rate_limited", "the model is saturated; try again shortly"))
+            return None
+        self.response = handle
+        self._last_response_id = response_id
+        self._ttfa_ms = None
+        self._response_audio_ms = 0.0
+        self._response_text = ""
+        self._emit(ResponseCreated(response_id, handle.item_id, task.value))
+        return response_id
+
+    def cancel_response(self, reason: str = "client_cancelled") -> bool:
+        with self._lock:
+            return self._cancel(reason)
+
+    def _cancel(self, reason: str) -> bool:
+        h = self.response
+        if h is None:
+            return False
+        h.cancel(reason)
+        self.runner.wake()
+        self.response = None  # nothing more of it is forwarded
+        self._playback_until = 0.0
+        # Drain what it produced but was not forwarded: only its transcript so far counts.
+        self._emit(
+            ResponseDone(
+                h.response_id,
+                h.item_id,
+                "cancelled",
+                reason,
+                transcript=self._response_text,
+                audio_ms=self._response_audio_ms,
+            )
+        )
+        return True
+
+    # ---------------- barge-in ----------------
+
+    def _start_barge(self, speech_start: int) -> None:
+        mode = self.config.interrupt_mode
+        self._barge = _Barge(start=speech_start, segment=next(self._segments), checked_until=speech_start)
+        if mode is InterruptMode.COMMAND:
+            self._check_command(final=False)
+
+    def _on_barge_window(self, edge: VadEdge | None, window_end: int) -> None:
+        b = self._barge
+        assert b is not None
+        mode = self.config.interrupt_mode
+        if edge is not None and edge.kind == "stop":
+            b.final = True
+            if mode is InterruptMode.COMMAND and b.matched is None:
+                self._check_command(final=True, end=edge.sample)
+            self._barge = None
+            return
+        if mode is InterruptMode.VAD:
+            if ms(window_end - b.start) >= self.config.vad_interrupt_min_ms:
+                self._interrupt("", b.start)
+                # As OpenAI's server_vad: the speech that interrupted is the next user turn.
+                self._barge = None
+                self._open_turn(b.start)
+        elif mode is InterruptMode.COMMAND and window_end - b.checked_until >= COMMAND_CHECK_EVERY:
+            self._check_command(final=False, end=window_end)
+
+    def _check_command(self, final: bool, end: int | None = None) -> None:
+        b = self._barge
+        if b is None or self.recognizer is None or b.matched is not None:
+            return
+        end = end if end is not None else self._history.end
+        b.checked_until = end
+        audio = self._history.slice(b.start, end)
+        if audio.size < MODEL_RATE // 10:
+            return
+        segment = b.segment
+        phrases = self.config.interrupt_phrases
+
+        def on_text(text: str) -> None:
+            phrase = match_phrase(text, phrases)
+            log.debug("barge-in segment %d heard %r -> %s", segment, text, phrase)
+            if phrase is None:
+                return
+            with self._lock:
+                if self._barge is not None and self._barge.segment == segment:
+                    self._barge.matched = phrase
+                self._interrupt(phrase, end)
+
+        self.recognizer.submit(audio, bias_prompt(phrases), on_text, wait=final)
+
+    def _interrupt(self, phrase: str, detected_at: int) -> None:
+        if not self.assistant_speaking:
+            return
+        h = self.response
+        response_id = h.response_id if h is not None else self._last_response_id
+        self._emit(SpeechStarted(self._new_id("item"), ms(detected_at)))
+        self._emit(Interrupted(response_id, phrase, ms(detected_at)))
+        self._playback_until = 0.0
+        if h is not None:
+            self._cancel("turn_detected")
+
+    # ---------------- bookkeeping ----------------
+
+    def _new_id(self, kind: str) -> str:
+        return f"{kind}_{next(self._ids):06d}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._cancel("client_cancelled")
+            self.closed = True

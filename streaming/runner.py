@@ -70,7 +70,10 @@ class ResponseHandle:
     def audio_lead_ok(self, now: float) -> bool:
         """Generation may run at most max_audio_lead_ms of audio ahead of playback."""
         played = 0.0 if self.first_audio_sent_at is None else (now - self.first_audio_sent_at) * 1000
-        return self.frames_made * FRAME_MS - played < self.request.max_audio_lead_ms
+        req = self.request
+        # Never below what the first exact chunk needs, or the first audio would never come.
+        lead = max(req.max_audio_lead_ms, (req.chunk_frames + req.lookahead_frames + 1) * FRAME_MS)
+        return self.frames_made * FRAME_MS - played < lead
 
     def has_room(self, needed: int = 8) -> bool:
         return self.events.maxsize - self.events.qsize() >= needed

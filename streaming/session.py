@@ -388,10 +388,11 @@ class Session:
             return
         if mode is InterruptMode.VAD:
             if ms(window_end - b.start) >= self.config.vad_interrupt_min_ms:
-                self._interrupt("", b.start)
-                # As OpenAI's server_vad: the speech that interrupted is the next user turn.
+                # As OpenAI's server_vad: the speech that interrupts is the next user turn, and
+                # its speech_started is the one that tells the client to stop playback.
                 self._barge = None
                 self._open_turn(b.start)
+                self._interrupt("", b.start, announce=False)
         elif mode is InterruptMode.COMMAND and window_end - b.checked_until >= COMMAND_CHECK_EVERY:
             self._check_command(final=False, end=window_end)
 
@@ -419,12 +420,11 @@ class Session:
 
         self.recognizer.submit(audio, bias_prompt(phrases), on_text, wait=final)
 
-    def _interrupt(self, phrase: str, detected_at: int) -> None:
-        if not self.assistant_speaking:
-            return
+    def _interrupt(self, phrase: str, detected_at: int, announce: bool = True) -> None:
         h = self.response
         response_id = h.response_id if h is not None else self._last_response_id
-        self._emit(SpeechStarted(self._new_id("item"), ms(detected_at)))
+        if announce:  # clients stop playback on speech_started
+            self._emit(SpeechStarted(self._new_id("item"), ms(detected_at)))
         self._emit(Interrupted(response_id, phrase, ms(detected_at)))
         self._playback_until = 0.0
         if h is not None:

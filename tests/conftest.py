@@ -30,3 +30,34 @@ def question_audio():
     from model.audio import load_audio_file
 
     return load_audio_file(FIXTURES / "question.wav")
+
+
+@pytest.fixture(scope="session")
+def vad():
+    from streaming.vad import SileroVAD
+
+    return SileroVAD()
+
+
+@pytest.fixture(scope="session")
+def recognizer():
+    from streaming.detector import FasterWhisperASR, RecognizerWorker
+
+    worker = RecognizerWorker(FasterWhisperASR())
+    yield worker
+    worker.close()
+
+
+@pytest.fixture()
+def runner(tiny_model):
+    from streaming.runner import ModelRunner
+
+    r = ModelRunner(tiny_model).start()
+    yield r
+    r.close()
+
+
+def fixture_audio(name: str):
+    from model.audio import load_audio_file
+
+    return load_audio_file(FIXTURES / f"{name}.wav")

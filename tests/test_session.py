@@ -1,0 +1,340 @@
+"""Sessions end to end on the tiny checkpoint: turn taking, responses, barge-in, bad input."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from streaming.config import InterruptMode, SessionConfig, TurnDetection
+from streaming.detector import match_phrase, normalize
+from streaming.events import (
+    AudioChunk,
+    Event,
+    InputCleared,
+    InputCommitted,
+    Interrupted,
+    ResponseCreated,
+    ResponseDone,
+    SessionError,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptDelta,
+)
+from streaming.runner import ModelRunner, ResponseHandle, ResponseRequest
+from streaming.session import Session
+
+from .conftest import fixture_audio
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return np.clip(np.round(audio * 32768), -32768, 32767).astype("<i2").tobytes()  # exact for int16 input
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * 16000), np.float32)
+
+
+def feed(session: Session, audio: np.ndarray, chunk: int = 1600) -> None:
+    for i in range(0, audio.size, chunk):
+        session.append_audio(pcm16(audio[i : i + chunk]))
+
+
+def collect(session: Session, until: Callable[[list[Event]], bool], timeout: float = 20.0) -> list[Event]:
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += session.poll()
+        if until(events):
+            return events
+        time.sleep(0.005)
+    raise AssertionError(f"timed out; got {[type(e).__name__ for e in events]}")
+
+
+def done(events: list[Event]) -> bool:
+    return any(isinstance(e, ResponseDone) for e in events)
+
+
+def kinds(events: list[Event]) -> list[str]:
+    out: list[str] = []
+    for e in events:
+        name = type(e).__name__
+        if not out or out[-1] != name or name not in ("AudioChunk", "TranscriptDelta"):
+            out.append(name)
+    return out
+
+
+def test_turn_then_response_events_in_order(runner: ModelRunner, vad, recognizer) -> None:
+    s = Session(runner, vad, recognizer, SessionConfig(input_sample_rate=16000))
+    feed(s, np.concatenate([silence(0.5), fixture_audio("question"), silence(1.0)]))
+    events = collect(s, done)
+    order = kinds(events)
+    assert order[:4] == ["SpeechStarted", "SpeechStopped", "InputCommitted", "ResponseCreated"]
+    assert order[-1] == "ResponseDone" and "AudioChunk" in order and "TranscriptDelta" in order
+    started, stopped, committed, created = events[:4]
+    assert isinstance(started, SpeechStarted) and isinstance(stopped, SpeechStopped)
+    assert isinstance(committed, InputCommitted) and isinstance(created, ResponseCreated)
+    assert started.item_id == stopped.item_id == committed.item_id
+    assert 350 <= started.audio_start_ms <= 700 and stopped.audio_end_ms > started.audio_start_ms
+    assert created.task == "a1a2"
+    rid = created.response_id
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert all(c.response_id == rid for c in chunks)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    end = events[-1]
+    assert isinstance(end, ResponseDone) and end.status == "completed"
+    assert end.transcript == "".join(e.delta for e in events if isinstance(e, TranscriptDelta))
+    assert end.audio_ms == pytest.approx(len(chunks) * 2048 / 24)
+    assert end.timings["ttfa_ms"] is not None and end.timings["steps"] == end.usage["output_tokens"]
+
+
+def test_streamed_response_equals_generate(runner: ModelRunner, vad, tiny_model) -> None:
+    """The session's audio is the one-shot decode of the same tokens `generate` makes."""
+    from model.prompts import Task
+
+    s = Session(runner, vad, None, SessionConfig(input_sample_rate=16000, turn_detection=None))
+    q = fixture_audio("question")
+    feed(s, q)
+    s.commit()
+    events = collect(s, done)
+    pcm = np.frombuffer(b"".join(e.pcm for e in events if isinstance(e, AudioChunk)), dtype="<i2")
+    result = tiny_model.start(tiny_model.prompt(Task.A1A2, audio=q)).run()
+    ref = np.round(np.clip(tiny_model.decode_frames(result.frames), -1, 1) * 32767)
+    assert pcm.shape == ref.shape
+    assert np.max(np.abs(pcm - ref)) <= max(2, 1e-3 * np.max(np.abs(ref)))
+
+
+def test_input_at_24k_is_resampled(runner: ModelRunner, vad) -> None:
+    import soxr
+
+    s = Session(runner, vad, None, SessionConfig(input_sample_rate=24000))
+    audio16 = np.concatenate([silence(0.5), fixture_audio("question"), silence(1.0)])
+    audio24 = soxr.resample(audio16, 16000, 24000).astype(np.float32)
+    feed(s, audio24, chunk=2400)
+    events = collect(s, done)
+    assert kinds(events)[:3] == ["SpeechStarted", "SpeechStopped", "InputCommitted"]
+
+
+def test_push_to_talk_commit_clear_and_empty_commit(runner: ModelRunner, vad) -> None:
+    s = Session(runner, vad, None, SessionConfig(input_sample_rate=16000, turn_detection=None))
+    s.commit()
+    (err,) = s.poll()
+    assert isinstance(err, SessionError) and err.code == "input_audio_buffer_commit_empty"
+    feed(s, fixture_audio("question"))
+    s.clear()
+    assert isinstance(s.poll()[0], InputCleared)
+    s.commit()
+    assert isinstance(s.poll()[0], SessionError)
+    feed(s, fixture_audio("question"))
+    assert not any(isinstance(e, SpeechStarted) for e in s.poll())  # no VAD turns in push-to-talk
+    s.commit()
+    events = collect(s, done)
+    assert isinstance(events[0], InputCommitted) and events[0].duration_ms == 1341
+
+
+def test_create_response_false_waits_for_response_create(runner: ModelRunner, vad) -> None:
+    cfg = SessionConfig(input_sample_rate=16000, turn_detection=TurnDetection(create_response=False))
+    s = Session(runner, vad, None, cfg)
+    feed(s, np.concatenate([silence(0.3), fixture_audio("question"), silence(1.0)]))
+    time.sleep(0.2)
+    assert not any(isinstance(e, ResponseCreated) for e in s.poll())
+    rid = s.create_response(output_modalities=("text",))
+    events = collect(s, done)
+    assert isinstance(events[0], ResponseCreated) and events[0].response_id == rid and events[0].task == "a1t2"
+    assert not any(isinstance(e, AudioChunk) for e in events)
+
+
+def test_text_turns(runner: ModelRunner, vad) -> None:
+    s = Session(runner, vad, None, SessionConfig(output_modalities=("text",)))
+    s.add_text("What is your name?", create_response=True)
+    events = collect(s, done)
+    assert isinstance(events[0], ResponseCreated) and events[0].task == "t1t2"
+    s.create_response(output_modalities=("audio",))
+    events = collect(s, done)
+    assert events[0].task == "t1a2" and any(isinstance(e, AudioChunk) for e in events)
+
+
+def test_second_response_while_one_runs_is_refused(runner: ModelRunner, vad) -> None:
+    s = Session(runner, vad, None, SessionConfig(max_audio_lead_ms=200))
+    s.add_text("What is your name?", create_response=True)
+    assert s.create_response() is None
+    events = s.poll()
+    assert any(isinstance(e, SessionError) and e.code == "response_in_progress" for e in events)
+    collect(s, done)
+
+
+def test_turn_longer_than_30_s_is_committed_at_the_limit(runner: ModelRunner, vad) -> None:
+    q = fixture_audio("question")
+    speech = np.tile(np.concatenate([q, silence(0.1)]), 24)  # ~34 s, pauses shorter than the silence window
+    s = Session(runner, vad, None, SessionConfig(input_sample_rate=16000, max_new_tokens=12))
+    feed(s, speech, chunk=16000)
+    events = s.poll()
+    errors = [e for e in events if isinstance(e, SessionError)]
+    assert [e.code for e in errors] == ["input_too_long"]
+    committed = [e for e in events if isinstance(e, InputCommitted)]
+    assert committed[0].truncated and committed[0].duration_ms == 30000
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    assert len(starts) == 2  # the speech goes on as a new turn, nothing dropped
+    collect(s, done)
+
+
+def test_push_to_talk_longer_than_30_s(runner: ModelRunner, vad) -> None:
+    s = Session(runner, vad, None, SessionConfig(input_sample_rate=16000, turn_detection=None, max_new_tokens=3))
+    feed(s, silence(31), chunk=32000)
+    events = s.poll()
+    assert any(isinstance(e, InputCommitted) and e.truncated and e.duration_ms == 30000 for e in events)
+    s.commit()  # the remaining second is still there
+    assert any(isinstance(e, InputCommitted) and e.duration_ms == 1000 for e in collect(s, done))
+
+
+def test_garbage_input_gets_errors_and_the_session_keeps_working(runner: ModelRunner, vad) -> None:
+    s = Session(runner, vad, None, SessionConfig(input_sample_rate=24000, max_new_tokens=10))
+    s.append_audio(b"\x01\x02\x03")
+    (err,) = s.poll()
+    assert isinstance(err, SessionError) and err.code == "invalid_audio" and "even number" in err.message
+    s.append_audio(b"")
+    s.append_audio(np.zeros(5 * 1024 * 1024, dtype="<i2").tobytes())  # 10 MB of silence
+    assert s.poll() == []
+    s.append_audio(b"\x00" * (17 * 1024 * 1024))
+    assert s.poll()[0].code == "invalid_audio"
+    s.add_text("still there?", create_response=True)
+    assert isinstance(collect(s, done)[-1], ResponseDone)
+
+
+# ---------------- the model runner ----------------
+
+
+def test_cancel_lands_within_one_step(runner: ModelRunner) -> None:
+    from model.prompts import Task
+
+    h = ResponseHandle("r1", "i1", ResponseRequest(Task.T1T2, text="hello", max_new_tokens=2000))
+    runner.model.llm.config  # noqa: B018 - the runner owns the model; nothing else steps it
+    runner.submit(h)
+    deadline = time.monotonic() + 10
+    while runner.steps_total < 5 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    before = runner.steps_total
+    h.cancel("client_cancelled")
+    assert h.done.wait(5)
+    assert runner.steps_total - before <= 1
+    events = []
+    while not h.events.empty():
+        events.append(h.events.get())
+    assert isinstance(events[-1], ResponseDone) and events[-1].status == "cancelled"
+
+
+def test_two_sessions_answer_at_once(runner: ModelRunner, vad) -> None:
+    cfg = SessionConfig(max_audio_lead_ms=100000)
+    a, b = Session(runner, vad, None, cfg), Session(runner, vad, None, cfg)
+    a.add_text("What is your name?", create_response=True)
+    b.add_text("Tell me a joke about the weather.", create_response=True)
+    got_a: list[Event] = []
+    got_b: list[Event] = []
+    deadline = time.monotonic() + 20
+    while not (done(got_a) and done(got_b)) and time.monotonic() < deadline:
+        got_a += a.poll()
+        got_b += b.poll()
+        time.sleep(0.002)
+    assert done(got_a) and done(got_b)
+    first_done = min(i for i, e in enumerate(got_a) if isinstance(e, ResponseDone))
+    # While the first answer was still running, the second one had made progress too.
+    assert any(isinstance(e, (AudioChunk, TranscriptDelta)) for e in got_b[: max(1, len(got_b) // 2)])
+    assert first_done > 0
+
+
+def test_pacing_keeps_generation_near_playback(runner: ModelRunner) -> None:
+    from model.prompts import Task
+
+    h = ResponseHandle("r", "i", ResponseRequest(Task.T1A2, text="hi", max_audio_lead_ms=400, max_new_tokens=200))
+    runner.submit(h)
+    time.sleep(1.0)  # nobody plays anything: generation stops at the lead
+    assert 4 <= h.frames_made <= 6  # 400 ms lead, but at least chunk + lookahead + 1 frames
+    h.cancel()
+    assert h.done.wait(5)
+
+
+# ---------------- barge-in ----------------
+
+
+def _speaking_session(runner, vad, recognizer, mode: InterruptMode) -> tuple[Session, list[Event]]:
+    cfg = SessionConfig(input_sample_rate=16000, interrupt_mode=mode, max_audio_lead_ms=600)
+    s = Session(runner, vad, recognizer, cfg)
+    feed(s, np.concatenate([silence(0.3), fixture_audio("question"), silence(0.7)]))
+    events = collect(s, lambda ev: any(isinstance(e, AudioChunk) for e in ev))
+    return s, events
+
+
+def _say(s: Session, name: str) -> None:
+    feed(s, np.concatenate([fixture_audio(name), silence(0.7)]), chunk=512)
+
+
+def test_stop_omni_interrupts_in_command_mode(runner, vad, recognizer) -> None:
+    s, before = _speaking_session(runner, vad, recognizer, InterruptMode.COMMAND)
+    rid = next(e.response_id for e in before if isinstance(e, ResponseCreated))
+    _say(s, "stop_omni")
+    events = collect(s, lambda ev: any(isinstance(e, Interrupted) for e in ev), timeout=10)
+    time.sleep(0.3)
+    events += s.poll()
+    inter = next(e for e in events if isinstance(e, Interrupted))
+    assert inter.phrase in ("stop omni", "stop") and inter.response_id == rid  # "stop" may be heard first
+    i = events.index(inter)
+    assert isinstance(events[i - 1], SpeechStarted)
+    end = [e for e in events if isinstance(e, ResponseDone)]
+    assert len(end) == 1 and end[0].status == "cancelled" and end[0].reason == "turn_detected"
+    assert not any(isinstance(e, AudioChunk) for e in events[i:])  # nothing of it after the cancel
+    assert not any(isinstance(e, (InputCommitted, ResponseCreated)) for e in events)  # no new turn
+    assert s.response is None and not s.assistant_speaking
+
+
+def test_backchannel_does_not_interrupt_in_command_mode(runner, vad, recognizer) -> None:
+    s, _ = _speaking_session(runner, vad, recognizer, InterruptMode.COMMAND)
+    _say(s, "yeah")
+    assert next(s._segments) == 2  # the "yeah" was heard as one segment while the assistant spoke
+    events = collect(s, done, timeout=20)
+    assert not any(isinstance(e, (Interrupted, SpeechStarted, InputCommitted)) for e in events)
+    assert next(e for e in events if isinstance(e, ResponseDone)).status == "completed"
+
+
+def test_backchannel_interrupts_in_vad_mode(runner, vad, recognizer) -> None:
+    s, _ = _speaking_session(runner, vad, recognizer, InterruptMode.VAD)
+    _say(s, "yeah")
+    events = collect(s, lambda ev: any(isinstance(e, InputCommitted) for e in ev), timeout=10)
+    inter = next(e for e in events if isinstance(e, Interrupted))
+    assert inter.phrase == ""
+    assert next(e for e in events if isinstance(e, ResponseDone)).reason == "turn_detected"
+    # As OpenAI's server_vad: the interrupting speech becomes the next user turn.
+    order = kinds(events)
+    assert order[:4] == ["SpeechStarted", "Interrupted", "ResponseDone", "SpeechStopped"]
+    assert events[0].item_id == events[3].item_id  # one item: the interrupting turn
+
+
+def test_nothing_interrupts_in_none_mode(runner, vad, recognizer) -> None:
+    s, _ = _speaking_session(runner, vad, recognizer, InterruptMode.NONE)
+    _say(s, "stop_omni")
+    events = collect(s, done, timeout=20)
+    assert not any(isinstance(e, Interrupted) for e in events)
+
+
+def test_phrase_matching() -> None:
+    phrases = ("stop omni", "omni stop", "stop")
+    assert normalize(" Stop, Omni!") == "stop omni"
+    assert match_phrase("Stop Omni.", phrases) == "stop omni"
+    assert match_phrase("stop omne", phrases) == "stop omni"  # an ASR slip
+    assert match_phrase("Omni, stop.", phrases) == "omni stop"
+    assert match_phrase("Stop by me.", phrases) == "stop"
+    assert match_phrase("Yeah.", phrases) is None
+    assert match_phrase("Uh-huh.", phrases) is None
+    assert match_phrase("what is the weather like, please don't stop", phrases) is None
+    assert match_phrase("", phrases) is None
+
+
+@pytest.mark.parametrize(("name", "expected"), [("stop_omni", "stop omni"), ("stop", "stop"), ("yeah", None),
+                                                ("question", None)])  # fmt: skip
+def test_real_asr_detects_commands(recognizer, name: str, expected: str | None) -> None:
+    from streaming.detector import bias_prompt
+
+    phrases = ("stop omni", "omni stop", "stop")
+    text = recognizer.recognizer.transcribe(fixture_audio(name), bias_prompt(phrases))
+    assert match_phrase(text, phrases) == expected, text

@@ -1,0 +1,121 @@
+"""Streamed SNAC decoding equals a one-shot decode; input audio handling; VAD boundaries."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from model.codec import SnacCodec
+from streaming.audio_in import InputResampler, InvalidAudio, decode_pcm16
+from streaming.audio_out import StreamingSnacDecoder
+from streaming.config import TurnDetection
+from streaming.vad import WINDOW, TurnDetector
+
+from .conftest import fixture_audio
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_ckpt) -> SnacCodec:
+    return SnacCodec.from_dir(tiny_ckpt / "snac")
+
+
+def _frames(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 4096, (n, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _stream(codec: SnacCodec, frames: torch.Tensor, **kw) -> tuple[np.ndarray, list[int]]:
+    dec = StreamingSnacDecoder(codec, 4096, **kw)
+    chunks = []
+    for f in frames.tolist():
+        chunks += dec.push(f)
+    chunks += dec.flush()
+    return np.concatenate(chunks), [c.size for c in chunks]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 5, 17])
+def test_streamed_audio_equals_one_shot_decode(codec: SnacCodec, chunk: int, n: int) -> None:
+    frames = _frames(n, seed=n)
+    one_shot = codec.decode(frames)
+    streamed, sizes = _stream(codec, frames, chunk_frames=chunk)
+    assert streamed.shape == one_shot.shape  # the tail is there too
+    assert np.max(np.abs(streamed - one_shot)) <= 1e-3 * np.max(np.abs(one_shot))
+    assert all(s == chunk * 2048 for s in sizes[:-1])
+
+
+def test_without_lookahead_the_edges_are_wrong(codec: SnacCodec) -> None:
+    """Why the default lookahead is 3: SNAC's decoder looks ahead, so no lookahead is not exact."""
+    frames = _frames(12, seed=3)
+    one_shot = codec.decode(frames)
+    streamed, _ = _stream(codec, frames, lookahead=0, left_context=0)
+    assert np.max(np.abs(streamed - one_shot)) > 1e-2 * np.max(np.abs(one_shot))
+
+
+def test_specials_in_streamed_frames_are_replaced(codec: SnacCodec) -> None:
+    frames = _frames(6)
+    frames[2, 3] = 4097  # _pad_a: takes the previous frame's code
+    expected = frames.clone()
+    expected[2, 3] = frames[1, 3]
+    streamed, _ = _stream(codec, frames)
+    ref = codec.decode(expected)
+    assert np.max(np.abs(streamed - ref)) <= 1e-3 * np.max(np.abs(ref))
+
+
+def test_decoder_keeps_only_its_context(codec: SnacCodec) -> None:
+    dec = StreamingSnacDecoder(codec, 4096)
+    for f in _frames(40).tolist():
+        dec.push(f)
+    assert len(dec._frames) <= 3 + 1 + 3
+
+
+def test_pcm16_decoding_and_errors() -> None:
+    pcm = np.array([0, 16384, -32768, 32767], dtype="<i2").tobytes()
+    assert decode_pcm16(pcm).tolist() == [0.0, 0.5, -1.0, 32767 / 32768]
+    assert decode_pcm16(b"").size == 0
+    with pytest.raises(InvalidAudio, match="even number of bytes"):
+        decode_pcm16(b"\x00\x01\x02")
+
+
+def test_resampler_any_chunking_gives_the_same_audio() -> None:
+    t = np.arange(24000) / 24000
+    audio = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    whole = InputResampler(24000)
+    a = np.concatenate([whole.process(audio), whole.flush()])
+    pieces = InputResampler(24000)
+    cuts = [0, 1, 7, 480, 481, 5000, 24000]
+    b = np.concatenate([pieces.process(audio[i:j]) for i, j in itertools.pairwise(cuts)] + [pieces.flush()])
+    assert a.size == b.size and abs(a.size - 16000) <= 1
+    assert np.allclose(a, b, atol=1e-6)
+
+
+def _speech_bounds(audio: np.ndarray, thresh: float = 0.02) -> tuple[int, int]:
+    loud = np.flatnonzero(np.abs(audio) > thresh)
+    return int(loud[0]), int(loud[-1])
+
+
+def test_vad_turn_boundaries_land_near_the_speech(vad) -> None:
+    q = fixture_audio("question")
+    lead, tail = 16000, 24000
+    audio = np.concatenate([np.zeros(lead, np.float32), q, np.zeros(tail, np.float32)])
+    first, last = _speech_bounds(audio)
+    stream, turns = vad.stream(), TurnDetector(TurnDetection())
+    edges = []
+    for start in range(0, audio.size - WINDOW + 1, WINDOW):
+        edge = turns.update(stream.prob(audio[start : start + WINDOW]), start)
+        if edge:
+            edges.append(edge)
+    assert [e.kind for e in edges] == ["start", "stop"]
+    # Stated tolerances: start within 100 ms of the first loud sample, end within 200 ms of the last.
+    assert abs(edges[0].sample - first) <= 1600
+    assert abs(edges[1].sample - last) <= 3200
+
+
+@pytest.mark.parametrize("name", ["silence", "noise"])
+def test_vad_ignores_silence_and_noise(vad, name: str) -> None:
+    audio = np.tile(fixture_audio(name), 3)
+    stream, turns = vad.stream(), TurnDetector(TurnDetection())
+    edges = [turns.update(stream.prob(audio[s : s + WINDOW]), s) for s in range(0, audio.size - WINDOW + 1, WINDOW)]
+    assert not any(edges)

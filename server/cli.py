@@ -155,6 +155,28 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from benchmarks.latency import bench_latency, print_latency
+
+    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+    result = bench_latency(
+        ckpt,
+        args.question_wav or fixtures / "question.wav",
+        args.command_wav or fixtures / "stop_omni.wav",
+        dtype=args.dtype,
+        runs=args.runs,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+    print_latency(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnivox", description="Mini-Omni voice assistant server and tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -192,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--repeats", type=int, default=3)
     bd.add_argument("--json", type=Path, help="save the result here")
     bd.set_defaults(func=cmd_bench_decode)
+    bl = bsub.add_parser("latency", help="end of speech -> first audio, barge-in latency, real-time factor")
+    _add_checkpoint_args(bl)
+    bl.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random checkpoint when none is given")
+    bl.add_argument("--runs", type=int, default=3)
+    bl.add_argument("--max-new-tokens", type=int, default=60, help="bound each answer (steps)")
+    bl.add_argument("--question-wav", type=Path, help="the user's question (default: the test fixture)")
+    bl.add_argument("--command-wav", type=Path, help="the barge-in command (default: 'stop omni' fixture)")
+    bl.add_argument("--json", type=Path, help="save the result here")
+    bl.set_defaults(func=cmd_bench_latency)
     return parser
 
 

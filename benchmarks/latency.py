@@ -1,0 +1,168 @@
+"""`omnivox bench latency`: end of user speech -> first audio out, and barge-in latency.
+
+A scripted user speaks into a real session at real-time pace (32 ms chunks), the way a
+microphone would. We time, on the wall clock:
+- ttfa: from the last speech sample fed to the first audio chunk out, split into the VAD
+  hangover (speech end -> the VAD's end-of-turn decision), Whisper encode, prefill, the
+  decode steps to the first exact SNAC chunk (7 delay steps + lookahead), and SNAC decode;
+- barge-in: from the last sample of a spoken "stop omni" to the cancel (the interrupt event);
+- the response's real-time factor: audio seconds made per second of generation.
+The floor is the VAD silence window plus the work for one frame.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.audio import load_audio_file
+from model.codec import SAMPLES_PER_FRAME
+from model.omni import OmniModel
+from streaming.config import SessionConfig
+from streaming.detector import FasterWhisperASR, RecognizerWorker
+from streaming.events import AudioChunk, Event, InputCommitted, Interrupted, ResponseDone
+from streaming.runner import ModelRunner
+from streaming.session import Session
+from streaming.vad import SileroVAD
+
+from .machine import machine_info
+
+CHUNK = 512  # 32 ms at 16 kHz
+
+
+def _pcm(audio: np.ndarray) -> bytes:
+    return np.clip(np.round(audio * 32768), -32768, 32767).astype("<i2").tobytes()
+
+
+def _speech_end(audio: np.ndarray, thresh: float = 0.02) -> int:
+    """Index just after the last loud sample: where the speech really ends."""
+    loud = np.flatnonzero(np.abs(audio) > thresh)
+    return int(loud[-1]) + 1 if loud.size else 0
+
+
+def _speak(session: Session, audio: np.ndarray, sink: list[tuple[float, Event]]) -> float:
+    """Feed audio at real-time pace, polling events as they come; returns the start time
+    (sample i is fed at start + i / 16000)."""
+    t0 = time.monotonic()
+    for i in range(0, audio.size, CHUNK):
+        session.append_audio(_pcm(audio[i : i + CHUNK]))
+        now = time.monotonic()
+        sink.extend((now, e) for e in session.poll())
+        pause = t0 + (i + CHUNK) / 16000 - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+    return t0
+
+
+def _wait(session: Session, sink: list[tuple[float, Event]], until: type, timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for t, e in sink:
+            if isinstance(e, until):
+                return t
+        now = time.monotonic()
+        sink.extend((now, e) for e in session.poll())
+        time.sleep(0.002)
+    return None
+
+
+def _snac_first_chunk_ms(model: OmniModel, frames: int, repeats: int = 5) -> float:
+    assert model.codec is not None
+    codes = torch.randint(0, 4096, (frames, 7))
+    model.codec.decode(codes)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.codec.decode(codes)
+    return (time.perf_counter() - t0) / repeats * 1000
+
+
+def bench_latency(
+    checkpoint: str | Path,
+    question_wav: Path,
+    command_wav: Path,
+    *,
+    dtype: str = "float32",
+    runs: int = 3,
+    max_new_tokens: int = 60,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    model = OmniModel.load(checkpoint, device=device, dtype=dtype)
+    runner = ModelRunner(model).start()
+    vad = SileroVAD()
+    recognizer = RecognizerWorker(FasterWhisperASR())
+    question, command = load_audio_file(question_wav), load_audio_file(command_wav)
+    silence = np.zeros(int(0.3 * 16000), np.float32)
+    # No pacing here: the real-time factor is what generation can do, not what playback allows.
+    cfg = SessionConfig(input_sample_rate=16000, max_new_tokens=max_new_tokens, max_audio_lead_ms=1e9)
+    q_end, c_end = silence.size + _speech_end(question), _speech_end(command)
+    rows = []
+    try:
+        for _ in range(runs):
+            # -- time to first audio
+            s = Session(runner, vad, recognizer, cfg)
+            ev: list[tuple[float, Event]] = []
+            t_spoken = _speak(s, np.concatenate([silence, question]), ev) + q_end / 16000
+            _speak(s, np.zeros(int(1.0 * 16000), np.float32), ev)  # the user is quiet now
+            t_commit = _wait(s, ev, InputCommitted, 10)
+            t_audio = _wait(s, ev, AudioChunk, 120)
+            t_done = _wait(s, ev, ResponseDone, 300)
+            done = next(e for _, e in ev if isinstance(e, ResponseDone))
+            first = next(t for t, e in ev if isinstance(e, AudioChunk))
+            tm = done.timings
+            gen_s = (t_done or first) - (t_commit or first) - (tm.get("encode_ms") or 0) / 1000
+            row: dict[str, Any] = {
+                "ttfa_ms": round((t_audio - t_spoken) * 1000, 1) if t_audio else None,
+                "vad_hangover_ms": round((t_commit - t_spoken) * 1000, 1) if t_commit else None,
+                "encode_ms": tm.get("encode_ms"),
+                "prefill_ms": tm.get("prefill_ms"),
+                "to_first_frame_ms": tm.get("first_frame_ms"),
+                "steps": tm.get("steps"),
+                "response_audio_s": round(done.audio_ms / 1000, 3),
+                "real_time_factor": round(done.audio_ms / 1000 / gen_s, 3) if gen_s > 0 else None,
+            }
+            # -- barge-in: a new answer, then "stop omni" while it plays
+            s2 = Session(runner, vad, recognizer, cfg.replace(max_audio_lead_ms=1000))
+            ev2: list[tuple[float, Event]] = []
+            _speak(s2, np.concatenate([silence, question, np.zeros(int(0.7 * 16000), np.float32)]), ev2)
+            if _wait(s2, ev2, AudioChunk, 120) is not None:
+                t_cmd_end = _speak(s2, command, ev2) + c_end / 16000
+                _speak(s2, np.zeros(int(0.6 * 16000), np.float32), ev2)
+                t_int = _wait(s2, ev2, Interrupted, 10)
+                row["barge_in_ms"] = round((t_int - t_cmd_end) * 1000, 1) if t_int else None
+                row["barge_in_detected"] = t_int is not None
+            s2.close()
+            rows.append(row)
+    finally:
+        runner.close()
+        recognizer.close()
+
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return round(statistics.median(vals), 1) if vals else None
+
+    lookahead = cfg.lookahead_frames + cfg.chunk_frames
+    return {
+        "benchmark": "latency",
+        "checkpoint": str(checkpoint),
+        "model": model.config.name,
+        "dtype": dtype,
+        "runs": rows,
+        "median": {k: med(k) for k in rows[0] if k != "barge_in_detected"},
+        "snac_first_chunk_ms": round(_snac_first_chunk_ms(model, lookahead + cfg.left_context_frames), 1),
+        "vad_silence_window_ms": 500,
+        "frame_ms": round(SAMPLES_PER_FRAME / 24, 2),
+        "machine": machine_info(device),
+    }
+
+
+def print_latency(result: dict[str, Any]) -> None:
+    m = result["median"]
+    print(f"{result['model']} ({result['dtype']}), median of {len(result['runs'])} runs:")
+    for k, v in m.items():
+        print(f"  {k:18s} {v}")
+    print(f"  snac_first_chunk_ms {result['snac_first_chunk_ms']}")

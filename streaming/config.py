@@ -50,7 +50,7 @@ class SessionConfig:
     chunk_frames: int = 1  # SNAC frames per audio chunk handed out (1 frame = 85.33 ms)
     left_context_frames: int = 3  # SNAC decode context; 3 + 3 decodes exactly
     lookahead_frames: int = 3
-    max_audio_lead_ms: int = 1000  # generation may run this far ahead of playback
+    max_audio_lead_ms: float = 1000.0  # generation may run this far ahead of playback
     transcribe_input: bool = False  # user-turn transcripts through the command detector's ASR
     max_new_tokens: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

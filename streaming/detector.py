@@ -9,6 +9,7 @@ instead of "Stop by me." without changing other transcripts.
 from __future__ import annotations
 
 import difflib
+import itertools
 import logging
 import queue
 import re
@@ -18,6 +19,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from model.prompts import Task
+
+from .events import ResponseDone
+from .runner import ModelRunner, ResponseHandle, ResponseRequest
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +123,30 @@ class RecognizerWorker:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=5)
+
+
+class ModelASR:
+    """The loaded model's own ASR task (A1->T1) as a recognizer, run by the model runner.
+
+    Mini-Omni2 advertises command interruption from its own ASR; with a real checkpoint
+    this is a second detector next to faster-whisper (on random weights it hears nothing).
+    """
+
+    def __init__(self, runner: ModelRunner, timeout_s: float = 10.0, max_new_tokens: int = 48) -> None:
+        self.runner = runner
+        self.timeout_s = timeout_s
+        self.max_new_tokens = max_new_tokens
+        self._ids = itertools.count(1)
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
+        request = ResponseRequest(Task.A1T1, audio=audio, max_new_tokens=self.max_new_tokens)
+        handle = ResponseHandle(f"asr_{next(self._ids)}", "", request)
+        self.runner.submit(handle)
+        if not handle.done.wait(self.timeout_s):
+            handle.cancel("timeout")
+            return ""
+        while not handle.events.empty():
+            event = handle.events.get_nowait()
+            if isinstance(event, ResponseDone):
+                return event.transcript.strip()
+        return ""

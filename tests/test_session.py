@@ -338,3 +338,26 @@ def test_real_asr_detects_commands(recognizer, name: str, expected: str | None) 
     phrases = ("stop omni", "omni stop", "stop")
     text = recognizer.recognizer.transcribe(fixture_audio(name), bias_prompt(phrases))
     assert match_phrase(text, phrases) == expected, text
+
+
+def test_model_asr_is_the_a1t1_task(runner: ModelRunner, tiny_model) -> None:
+    from model.prompts import Task
+    from streaming.detector import ModelASR
+
+    q = fixture_audio("question")
+    text = ModelASR(runner).transcribe(q)
+    result = tiny_model.start(tiny_model.prompt(Task.A1T1, audio=q), max_new_tokens=48).run()
+    assert text == tiny_model.text_of(result.text_tokens) and text
+
+
+def test_input_transcription(runner: ModelRunner, vad, recognizer) -> None:
+    from streaming.events import InputTranscript
+
+    cfg = SessionConfig(input_sample_rate=16000, transcribe_input=True, max_new_tokens=10)
+    s = Session(runner, vad, recognizer, cfg)
+    feed(s, np.concatenate([silence(0.3), fixture_audio("weather"), silence(0.7)]))
+    events = collect(s, lambda ev: any(isinstance(e, InputTranscript) for e in ev) and done(ev))
+    tr = next(e for e in events if isinstance(e, InputTranscript))
+    committed = next(e for e in events if isinstance(e, InputCommitted))
+    assert tr.item_id == committed.item_id
+    assert normalize(tr.transcript) == "what is the weather like today"

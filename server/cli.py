@@ -148,33 +148,40 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print_table(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _save_json(args.json, result)
     return 0
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from benchmarks.latency import bench_latency, print_latency
+    from model.errors import InputError
 
     ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
     fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+    question = args.question_wav or fixtures / "question.wav"
+    command = args.command_wav or fixtures / "stop_omni.wav"
+    for wav in (question, command):
+        if not Path(wav).is_file():
+            raise InputError(f"{wav} not found: pass --question-wav and --command-wav")
     result = bench_latency(
         ckpt,
-        args.question_wav or fixtures / "question.wav",
-        args.command_wav or fixtures / "stop_omni.wav",
+        question,
+        command,
         dtype=args.dtype,
         runs=args.runs,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
     )
     print_latency(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _save_json(args.json, result)
     return 0
+
+
+def _save_json(path: Path | None, result: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:

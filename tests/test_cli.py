@@ -134,3 +134,14 @@ def test_bench_decode_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["steps_per_s"] > 0 and doc["real_time_factor"] == pytest.approx(doc["steps_per_s"] / 11.71875, rel=1e-2)
     assert {"cpu_model", "cores", "torch", "threads", "device"} <= set(doc["machine"])
+
+
+def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--checkpoint-dir", str(tiny_ckpt), "--runs", "1", "--max-new-tokens", "30",
+                 "--json", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    (run,) = doc["runs"]
+    assert run["ttfa_ms"] > run["vad_hangover_ms"] >= 400  # the 500 ms silence window, less decay
+    assert run["barge_in_detected"] is True
+    assert {"cpu_model", "cores", "torch"} <= set(doc["machine"])

@@ -125,6 +125,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ConfigError, serve
+    from .settings import ServerSettings
+
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "checkpoint_dir": args.checkpoint_dir,
+        "checkpoint": args.checkpoint,
+        "device": args.device,
+        "dtype": args.dtype,
+        "api_key": args.api_key,
+        "max_sessions": args.max_sessions,
+        "max_new_tokens": args.max_new_tokens,
+        "allow_unauthenticated": args.allow_unauthenticated or None,
+    }
+    settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+    has_ckpt = settings.checkpoint_dir is not None or settings.checkpoint is not None
+    try:
+        return serve(settings, None if has_ckpt else str(demo_checkpoint()))
+    except ConfigError as e:
+        print(f"omnivox: error: {e}", file=sys.stderr)
+        return 2
+
+
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from model.make_checkpoint import make_checkpoint
 
@@ -203,6 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-wav", type=Path, help="write the answer audio (24 kHz PCM16)")
     g.add_argument("--tokens-json", type=Path, help="write tokens, text and timings as JSON")
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="run the realtime WebSocket server (web client at /)")
+    sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1; OMNIVOX_HOST)")
+    sv.add_argument("--port", type=int, default=None, help="port (default 8000; 0 = any free port)")
+    g2 = sv.add_mutually_exclusive_group()
+    g2.add_argument("--checkpoint-dir", type=Path, default=None, help="local Mini-Omni checkpoint directory")
+    g2.add_argument("--checkpoint", default=None, help="hub id such as gpt-omni/mini-omni")
+    sv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
+    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    sv.add_argument("--api-key", default=None, help="require this key (or OMNIVOX_API_KEY); never logged")
+    sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
+    sv.add_argument("--max-sessions", type=int, default=None, help="concurrent session slots (default 8)")
+    sv.add_argument("--max-new-tokens", type=int, default=None, help="decode-step budget per answer")
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the upstream layout")
     m.add_argument("out_dir", type=Path)

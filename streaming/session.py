@@ -279,6 +279,36 @@ class Session:
                 self._turns.reset()
             self._emit(InputCleared())
 
+    def add_audio(self, pcm: bytes) -> str | None:
+        """A whole user audio message (PCM16 at the input rate), outside the VAD stream."""
+        try:
+            audio = decode_pcm16(pcm)
+        except InvalidAudio as e:
+            self._emit(SessionError("invalid_audio", str(e)))
+            return None
+        with self._lock:
+            resampler = InputResampler(self.config.input_sample_rate)
+            audio16 = np.concatenate([resampler.process(audio), resampler.flush()])
+            if audio16.size == 0:
+                self._emit(SessionError("invalid_audio", "the audio message is empty"))
+                return None
+            if audio16.size > MAX_TURN_SAMPLES:
+                self._emit(SessionError("input_too_long", "audio message longer than 30 s: cut at the limit"))
+                audio16 = audio16[:MAX_TURN_SAMPLES]
+            item = self._new_id("item")
+            self._last_item = (item, audio16, None)
+            return item
+
+    def report_playback(self, played_ms: float) -> None:
+        """The client's real playback position in the current answer (pacing and barge-in window)."""
+        with self._lock:
+            h = self.response
+            now = self.clock()
+            if h is not None and h.first_audio_sent_at is not None:
+                h.first_audio_sent_at = now - played_ms / 1000
+            self._playback_until = now + max(0.0, self._response_audio_ms - played_ms) / 1000
+            self.runner.wake()
+
     # ---------------- text turns and responses ----------------
 
     def add_text(self, text: str, create_response: bool = False) -> str:

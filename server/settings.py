@@ -1,0 +1,32 @@
+"""Server settings: command-line flags over `OMNIVOX_*` environment variables over defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OMNIVOX_", frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    checkpoint_dir: Path | None = None
+    checkpoint: str | None = None  # hub id
+    device: str = "cpu"
+    dtype: str = "float32"
+    api_key: SecretStr | None = None
+    allow_unauthenticated: bool = False  # needed to bind a non-loopback address without a key
+    max_sessions: int = Field(8, ge=1, le=1024)
+    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    send_buffer_events: int = Field(512, ge=16)  # a client this many events behind is disconnected
+    max_new_tokens: int | None = None
+    interrupt_detector: bool = True  # load the faster-whisper command detector
+    web_dir: Path | None = None  # default: clients/web of this checkout
+    shutdown_timeout_s: float = Field(5.0, ge=0.1)
+    log_level: str = "info"
+
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

@@ -108,6 +108,11 @@ def silence(s: float) -> np.ndarray:
 INPUT_16K = {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}
 
 
+def text_item(text: str) -> dict[str, Any]:
+    content = [{"type": "input_text", "text": text}]
+    return {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": content}}
+
+
 def types(events: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
     for e in events:
@@ -234,8 +239,7 @@ def test_binary_audio_mode(server: Running) -> None:
 
 def test_text_turn_and_text_output(server: Running) -> None:
     c = open_client(server)
-    c.send({"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}})  # fmt: skip
+    c.send(text_item("Hello!"))
     c.recv_until(lambda e: e["type"] == "conversation.item.done")
     c.send({"type": "response.create", "response": {"output_modalities": ["text"]}, "event_id": "ev1"})
     events = c.recv_until(is_done)
@@ -282,8 +286,7 @@ def test_bad_input_gets_the_right_error_and_the_session_lives(server: Running, m
 def test_response_in_progress(server: Running) -> None:
     c = open_client(server)
     c.update(omnivox={"max_audio_lead_ms": 200})
-    c.send({"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}})  # fmt: skip
+    c.send(text_item("Hi"))
     c.send({"type": "response.create"})
     c.recv_until(lambda e: e["type"] == "response.created")
     c.send({"type": "response.create"})
@@ -311,8 +314,7 @@ def test_oversize_frame_closes_with_1009(tiny_ckpt: Path) -> None:
 def test_disconnect_mid_response_frees_the_runner(server: Running) -> None:
     c = open_client(server)
     c.update(omnivox={"max_audio_lead_ms": 100000})
-    c.send({"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}})  # fmt: skip
+    c.send(text_item("Hi"))
     c.send({"type": "response.create"})
     c.recv_until(lambda e: e["type"] == "response.created")
     c.ws.close()
@@ -373,8 +375,8 @@ def test_openai_sdk_holds_a_conversation(server: Running) -> None:
         seen: list[str] = []
         transcript = ""
         async with client.realtime.connect(model="gpt-realtime") as conn:
-            await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"],
-                                               "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}})  # fmt: skip
+            audio_cfg = {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"], "audio": audio_cfg})
             import soxr
 
             audio24 = soxr.resample(np.concatenate([silence(0.3), fixture_audio("question"), silence(1.0)]),
@@ -392,4 +394,4 @@ def test_openai_sdk_holds_a_conversation(server: Running) -> None:
     seen, transcript = asyncio.run(asyncio.wait_for(talk(), 60))
     assert seen[0] == "session.created" and "session.updated" in seen
     assert "input_audio_buffer.speech_started" in seen and "response.output_audio.delta" in seen
-    assert seen[-1] == "response.done"
+    assert seen[-1] == "response.done" and transcript

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.omnivox-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test lint typecheck unit bench-decode clean
+.PHONY: setup demo generate-demo test lint typecheck unit bench-decode clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
+	$(VENV)/bin/omnivox serve --host 127.0.0.1 --port 8000
+
+generate-demo: setup
 	$(VENV)/bin/omnivox generate --task a1a2 --input-wav tests/fixtures/question.wav \
 		--output-wav out/demo_answer.wav --tokens-json out/demo_answer.json
 

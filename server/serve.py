@@ -75,7 +75,8 @@ class OmnivoxServer(uvicorn.Server):
             await asyncio.wait_for(self.engine.shutdown(1001), self.engine.settings.shutdown_timeout_s)
         except TimeoutError:
             log.warning("sessions did not close in time")
-        super().handle_exit(sig, frame)
+        # Not super().handle_exit: uvicorn would re-raise the signal at exit; a graceful stop exits 0.
+        self.should_exit = True
 
 
 def make_server(engine: Engine) -> OmnivoxServer:

@@ -202,6 +202,22 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from benchmarks.serve import bench_serve
+    from model.errors import InputError
+
+    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    question = args.question_wav or Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "question.wav"
+    if not Path(question).is_file():
+        raise InputError(f"{question} not found: pass --question-wav")
+    levels = tuple(int(x) for x in args.sessions.split(","))
+    result = bench_serve(ckpt, question, levels=levels, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                         url=args.url)  # fmt: skip
+    print(f"largest real-time concurrency: {result['max_real_time_sessions']} sessions")
+    _save_json(args.json, result)
+    return 0
+
+
 def _save_json(path: Path | None, result: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--command-wav", type=Path, help="the barge-in command (default: 'stop omni' fixture)")
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
+    bs = bsub.add_parser("serve", help="N concurrent scripted clients: ttfa p50/p95, stalls, RSS")
+    _add_checkpoint_args(bs)
+    bs.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random checkpoint when none is given")
+    bs.add_argument("--sessions", default="1,2,4,8", help="comma-separated concurrency levels (bounded)")
+    bs.add_argument("--max-new-tokens", type=int, default=300, help="bound each answer (steps)")
+    bs.add_argument("--url", help="a running server's ws://.../v1/realtime (default: start one in-process)")
+    bs.add_argument("--question-wav", type=Path, help="what the clients say (default: the test fixture)")
+    bs.add_argument("--json", type=Path, help="save the result here")
+    bs.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.omnivox-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo generate-demo test lint typecheck unit bench-decode clean
+.PHONY: setup system-deps demo generate-demo test lint typecheck unit bench-decode clean
 
 setup: $(STAMP)
 
@@ -41,7 +41,15 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-unit: setup
+# Debian packages the browser test needs; installed when missing and apt-get is usable.
+system-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else echo "note: chromium/chromium-driver missing and apt-get unavailable: the browser test will be skipped"; fi; \
+	fi
+
+unit: setup system-deps
 	$(PY) -m pytest
 
 test: lint typecheck unit

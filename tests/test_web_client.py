@@ -1,0 +1,117 @@
+"""The web client in real headless Chromium, with an espeak WAV as the microphone.
+
+Needs Debian's chromium + chromium-driver (CI installs them); skipped with a clear reason
+when they are missing, so `make test` on a machine without them still runs the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from server.settings import ServerSettings
+
+from .conftest import fixture_audio
+from .test_server import Running, start_server, stop_server
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="Debian chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt: Path) -> Iterator[Running]:
+    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, log_level="warning"))
+    yield r
+    stop_server(r)
+
+
+def _mic_wav(path: Path) -> None:
+    """The fake microphone: a question, quiet while the answer plays, then "stop omni"."""
+
+    def quiet(s: float) -> np.ndarray:
+        return np.zeros(int(s * 16000), np.float32)
+
+    audio = np.concatenate([quiet(1.0), fixture_audio("question"), quiet(1.6), fixture_audio("stop_omni"), quiet(6.0)])
+    sf.write(str(path), audio, 16000, subtype="PCM_16")
+
+
+@pytest.fixture()
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    wav = tmp_path / "mic.wav"
+    _mic_wav(wav)
+    profile = tempfile.mkdtemp(prefix="omnivox-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={profile}", "--window-size=1000,900",
+    ):  # fmt: skip
+        opts.add_argument(flag)
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager look for drivers online
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(driver: Any, script: str, timeout: float = 40) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.1)
+    stats = driver.execute_script("return window.omnivoxStats")
+    raise AssertionError(f"timed out waiting for {script!r}; stats={stats}")
+
+
+def test_talk_hear_and_interrupt_in_chromium(server: Running, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    assert browser.find_element(By.ID, "status").text == "not connected"
+    browser.find_element(By.ID, "start").click()
+    _wait(browser, "return window.omnivoxStats.sessionCreated")
+    assert browser.find_element(By.ID, "demo").is_displayed() is False  # a checkpoint dir: no demo notice
+    # The server finds the turn, the page receives the answer and schedules it for playback.
+    _wait(browser, "return window.omnivoxStats.speechStarted >= 1")
+    _wait(browser, "return window.omnivoxStats.scheduledSamples > 0 && window.omnivoxStats.audioDeltas > 2")
+    _wait(browser, "return document.querySelector('#transcript li.assistant')?.textContent.length > 0")
+    # The user's turn is transcribed (the server's ASR) and shown.
+    heard = _wait(
+        browser,
+        "const t = document.querySelector('#transcript li.user')?.textContent;"
+        "return t && t !== '(you spoke)' ? t : null",
+    )
+    assert "name" in heard.lower(), heard
+    ttfa = _wait(browser, "return window.omnivoxStats.lastTtfaMs")
+    assert 0 < ttfa < 10000
+    # "stop omni" from the same microphone interrupts the answer.
+    _wait(browser, "return window.omnivoxStats.interrupts >= 1", timeout=60)
+    stats = browser.execute_script("return window.omnivoxStats")
+    assert stats["errors"] == [] or set(stats["errors"]) <= {"response_cancel_not_active"}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "web_client.png"))
+    assert "assistant" in browser.page_source

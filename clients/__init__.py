@@ -1,1 +1,1 @@
-"""omnivox clients package."""
+"""omnivox clients: they speak only the realtime protocol."""

@@ -1,0 +1,1 @@
+"""The reference Python client for the omnivox realtime protocol."""

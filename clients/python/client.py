@@ -96,6 +96,7 @@ async def run(args: argparse.Namespace) -> int:
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}}}}))  # fmt: skip
         stop = asyncio.Event()
         audio = None
+        sender: asyncio.Task[Any]
         if args.mic:
             sender = asyncio.create_task(mic_audio(ws, stop))
         else:

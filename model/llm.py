@@ -79,6 +79,13 @@ class OmniLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def cast_parameters_(self, dtype: torch.dtype) -> OmniLM:
+        """Weights to `dtype`; buffers (RoPE's inverse frequencies) stay in fp32."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.data = p.data.to(dtype)
+        return self
+
     def embed(self, ids: torch.Tensor, splices: Sequence[Splice] = ()) -> torch.Tensor:
         """ids (B, 8, T) global ids -> (B, T, C), the mean of the 8 stream embeddings."""
         streams = self.backbone.embed_tokens(ids)  # (B, 8, T, C)

@@ -37,6 +37,27 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """ "auto": bfloat16 on CUDA and on CPUs with native bf16 (4-5x faster steps, ~98% top-1
+    agreement with fp32: see README, Precision), else float32 (the token-exact reference)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") or cpu_has_native_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 @dataclass
 class OmniModel:
     config: ModelConfig
@@ -60,7 +81,7 @@ class OmniModel:
         with_snac: bool = True,
     ) -> OmniModel:
         """Load a checkpoint directory or hub id (see DESIGN.md section 2 for the layout)."""
-        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        torch_dtype = resolve_dtype(dtype, device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise CheckpointError(f"device {device} was asked for but CUDA is not available")
         t0 = time.perf_counter()

@@ -218,6 +218,17 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from benchmarks.compare import bench_compare
+
+    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    result = bench_compare(ckpt, steps=args.steps)
+    for name, row in result["results"].items():
+        print(f"{name:11s} {json.dumps(row)}")
+    _save_json(args.json, result)
+    return 0
+
+
 def _save_json(path: Path | None, result: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     g2.add_argument("--checkpoint-dir", type=Path, default=None, help="local Mini-Omni checkpoint directory")
     g2.add_argument("--checkpoint", default=None, help="hub id such as gpt-omni/mini-omni")
     sv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
-    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    sv.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16"],
+        help="auto (default): bfloat16 on GPUs and CPUs with native bf16, else float32",
+    )
     sv.add_argument("--api-key", default=None, help="require this key (or OMNIVOX_API_KEY); never logged")
     sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
     sv.add_argument("--max-sessions", type=int, default=None, help="concurrent session slots (default 8)")
@@ -294,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--question-wav", type=Path, help="what the clients say (default: the test fixture)")
     bs.add_argument("--json", type=Path, help="save the result here")
     bs.set_defaults(func=cmd_bench_serve)
+    bc = bsub.add_parser("compare", help="ours vs a naive upstream-style loop, fp32 and bf16, side by side")
+    _add_checkpoint_args(bc)
+    bc.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")
+    bc.add_argument("--steps", type=int, default=24)
+    bc.add_argument("--json", type=Path, help="save the result here")
+    bc.set_defaults(func=cmd_bench_compare)
     return parser
 
 

@@ -16,7 +16,7 @@ class ServerSettings(BaseSettings):
     checkpoint_dir: Path | None = None
     checkpoint: str | None = None  # hub id
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 where the hardware does it natively, else float32
     api_key: SecretStr | None = None
     allow_unauthenticated: bool = False  # needed to bind a non-loopback address without a key
     max_sessions: int = Field(8, ge=1, le=1024)

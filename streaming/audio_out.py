@@ -24,10 +24,14 @@ class StreamingSnacDecoder:
         chunk_frames: int = 1,
         left_context: int = 3,
         lookahead: int = 3,
+        max_chunk_frames: int | None = None,
     ) -> None:
+        """The first chunk has `chunk_frames` frames (fast first audio); later chunks double up
+        to `max_chunk_frames` (fewer, cheaper SNAC windows per second of audio)."""
         self.codec = codec
         self.num_codes = num_codes
         self.chunk = chunk_frames
+        self.max_chunk = max(chunk_frames, max_chunk_frames or chunk_frames)
         self.left = left_context
         self.lookahead = lookahead
         self._frames: list[torch.Tensor] = []  # the frames still needed as context, sanitized
@@ -45,13 +49,14 @@ class StreamingSnacDecoder:
         while self.total - self.emitted >= self.chunk + self.lookahead:
             stop = self.emitted + self.chunk
             out.append(self._decode(self.emitted, stop, stop + self.lookahead))
+            self.chunk = min(self.chunk * 2, self.max_chunk)
         return out
 
     def flush(self) -> list[np.ndarray]:
         """The rest, at the end of the response: the window ends with the sequence."""
         out = []
         while self.emitted < self.total:
-            stop = min(self.emitted + self.chunk, self.total)
+            stop = min(self.emitted + self.max_chunk, self.total)
             out.append(self._decode(self.emitted, stop, self.total))
         return out
 

@@ -47,7 +47,8 @@ class SessionConfig:
     interrupt_mode: InterruptMode = InterruptMode.COMMAND
     interrupt_phrases: tuple[str, ...] = DEFAULT_INTERRUPT_PHRASES
     vad_interrupt_min_ms: int = 250  # vad mode: speech this long interrupts
-    chunk_frames: int = 1  # SNAC frames per audio chunk handed out (1 frame = 85.33 ms)
+    chunk_frames: int = 1  # SNAC frames in the first audio chunk (1 frame = 85.33 ms): fast first audio
+    max_chunk_frames: int = 4  # later chunks double up to this: 4x fewer SNAC windows per second
     left_context_frames: int = 3  # SNAC decode context; 3 + 3 decodes exactly
     lookahead_frames: int = 3
     max_audio_lead_ms: float = 1000.0  # generation may run this far ahead of playback
@@ -60,7 +61,12 @@ class SessionConfig:
             raise ValueError(f"input sample rate must be one of {INPUT_SAMPLE_RATES}, got {self.input_sample_rate}")
         if not set(self.output_modalities) <= {"audio", "text"} or not self.output_modalities:
             raise ValueError(f"output_modalities must be ['audio'] or ['text'], got {list(self.output_modalities)}")
-        if self.chunk_frames < 1 or self.left_context_frames < 0 or self.lookahead_frames < 0:
+        if (
+            self.chunk_frames < 1
+            or self.max_chunk_frames < 1
+            or self.left_context_frames < 0
+            or self.lookahead_frames < 0
+        ):
             raise ValueError("chunk_frames must be >= 1 and the SNAC context sizes >= 0")
         if not all(p.strip() for p in self.interrupt_phrases):
             raise ValueError("interrupt phrases must be non-empty")

@@ -39,6 +39,7 @@ class ResponseRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int | None = None
     chunk_frames: int = 1
+    max_chunk_frames: int = 4
     left_context_frames: int = 3
     lookahead_frames: int = 3
     max_audio_lead_ms: float = 1000.0
@@ -72,7 +73,7 @@ class ResponseHandle:
         played = 0.0 if self.first_audio_sent_at is None else (now - self.first_audio_sent_at) * 1000
         req = self.request
         # Never below what the first exact chunk needs, or the first audio would never come.
-        lead = max(req.max_audio_lead_ms, (req.chunk_frames + req.lookahead_frames + 1) * FRAME_MS)
+        lead = max(req.max_audio_lead_ms, (req.max_chunk_frames + req.lookahead_frames + 1) * FRAME_MS)
         return self.frames_made * FRAME_MS - played < lead
 
     def has_room(self, needed: int = 8) -> bool:
@@ -183,6 +184,7 @@ class ModelRunner:
                     req.chunk_frames,
                     req.left_context_frames,
                     req.lookahead_frames,
+                    req.max_chunk_frames,
                 )
             self._active.append(job)
 
@@ -193,7 +195,7 @@ class ModelRunner:
             return True
         req = h.request
         # Room for everything already in flight plus one more step, so no thread ever blocks on a put.
-        if not h.has_room(job.pending_frames + req.chunk_frames + req.lookahead_frames + 4) or job.pending_frames > 16:
+        if not h.has_room(job.pending_frames + req.lookahead_frames + 4) or job.pending_frames > 16:
             return False  # the consumer or the SNAC thread is behind: wait for it
         if job.decoder is not None and not h.audio_lead_ok(now):
             return False
@@ -263,6 +265,7 @@ class ModelRunner:
             timings=timings,
         )
         job.done = done
+        job.gen = None  # the KV cache goes with it, now: an idle runner must not pin a finished answer
         # Through the SNAC thread, so the end comes after the last audio of this response.
         self._decode_jobs.put((job, "finish", None))
 
@@ -292,6 +295,7 @@ class ModelRunner:
                         done = replace(job.done, audio_ms=audio_ms)
                     h.events.put(done)
                     h.done.set()
+                    job.decoder = None
             except Exception:
                 log.exception("SNAC decoding failed for %s", h.response_id)
             self._wake.set()

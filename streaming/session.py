@@ -354,6 +354,7 @@ class Session:
             sampling=cfg.sampling,
             max_new_tokens=cfg.max_new_tokens,
             chunk_frames=cfg.chunk_frames,
+            max_chunk_frames=cfg.max_chunk_frames,
             left_context_frames=cfg.left_context_frames,
             lookahead_frames=cfg.lookahead_frames,
             max_audio_lead_ms=cfg.max_audio_lead_ms,

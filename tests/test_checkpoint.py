@@ -221,3 +221,18 @@ def test_snac_falls_back_to_the_hub_id(tiny_ckpt: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match=r"SNAC weights not in the checkpoint.*offline"):
         OmniModel.load(d, with_whisper=False)
+
+
+def test_dtype_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.omni as omni
+
+    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: True)
+    assert omni.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: False)
+    assert omni.resolve_dtype("auto", "cpu") == torch.float32
+    assert omni.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert omni.resolve_dtype("float32", "cuda") == torch.float32
+    from model.errors import InputError
+
+    with pytest.raises(InputError, match="dtype must be"):
+        omni.resolve_dtype("int3", "cpu")

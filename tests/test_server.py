@@ -57,7 +57,9 @@ def stop_server(r: Running) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path) -> Iterator[Running]:
-    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, max_sessions=4, log_level="warning"))
+    # float32: the audio-equality test compares with the fp32 engine token for token.
+    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, max_sessions=4, dtype="float32",
+                                    log_level="warning"))  # fmt: skip
     yield r
     stop_server(r)
 

@@ -86,7 +86,7 @@ def test_turn_then_response_events_in_order(runner: ModelRunner, vad, recognizer
     end = events[-1]
     assert isinstance(end, ResponseDone) and end.status == "completed"
     assert end.transcript == "".join(e.delta for e in events if isinstance(e, TranscriptDelta))
-    assert end.audio_ms == pytest.approx(len(chunks) * 2048 / 24)
+    assert end.audio_ms == pytest.approx(sum(len(c.pcm) for c in chunks) / 2 / 24)
     assert end.timings["ttfa_ms"] is not None and end.timings["steps"] == end.usage["output_tokens"]
 
 
@@ -249,7 +249,8 @@ def test_two_sessions_answer_at_once(runner: ModelRunner, vad) -> None:
 def test_pacing_keeps_generation_near_playback(runner: ModelRunner) -> None:
     from model.prompts import Task
 
-    h = ResponseHandle("r", "i", ResponseRequest(Task.T1A2, text="hi", max_audio_lead_ms=400, max_new_tokens=200))
+    req = ResponseRequest(Task.T1A2, text="hi", max_audio_lead_ms=400, max_new_tokens=200, max_chunk_frames=1)
+    h = ResponseHandle("r", "i", req)
     runner.submit(h)
     time.sleep(1.0)  # nobody plays anything: generation stops at the lead
     assert 4 <= h.frames_made <= 6  # 400 ms lead, but at least chunk + lookahead + 1 frames
@@ -363,3 +364,31 @@ def test_input_transcription(runner: ModelRunner, vad, recognizer) -> None:
     committed = next(e for e in events if isinstance(e, InputCommitted))
     assert tr.item_id == committed.item_id
     assert normalize(tr.transcript) == "what is the weather like today"
+
+
+def test_finished_responses_free_their_kv_cache(runner: ModelRunner, vad) -> None:
+    """Memory stays bounded: a finished or cancelled answer keeps no cache alive."""
+    import gc
+    import weakref
+
+    s = Session(runner, vad, None, SessionConfig(max_audio_lead_ms=100000))
+    refs = []
+    original = runner.model.start
+
+    def tracking_start(*args, **kwargs):
+        gen = original(*args, **kwargs)
+        refs.append(weakref.ref(gen.cache))
+        return gen
+
+    runner.model.start = tracking_start  # type: ignore[method-assign]
+    try:
+        for i in range(3):
+            s.add_text(f"question {i}", create_response=True)
+            collect(s, done)
+        s.add_text("one more", create_response=True)
+        s.cancel_response()
+        time.sleep(0.3)
+    finally:
+        runner.model.start = original  # type: ignore[method-assign]
+    gc.collect()
+    assert len(refs) >= 3 and all(r() is None for r in refs)  # a cancel may land before the start

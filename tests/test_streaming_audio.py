@@ -46,6 +46,15 @@ def test_streamed_audio_equals_one_shot_decode(codec: SnacCodec, chunk: int, n: 
     assert all(s == chunk * 2048 for s in sizes[:-1])
 
 
+def test_growing_chunks_stay_exact(codec: SnacCodec) -> None:
+    frames = _frames(23, seed=5)
+    one_shot = codec.decode(frames)
+    streamed, sizes = _stream(codec, frames, chunk_frames=1, max_chunk_frames=4)
+    assert [s // 2048 for s in sizes[:4]] == [1, 2, 4, 4]  # fast first audio, then fewer windows
+    assert sum(sizes) == one_shot.size
+    assert np.max(np.abs(streamed - one_shot)) <= 1e-3 * np.max(np.abs(one_shot))
+
+
 def test_without_lookahead_the_edges_are_wrong(codec: SnacCodec) -> None:
     """Why the default lookahead is 3: SNAC's decoder looks ahead, so no lookahead is not exact."""
     frames = _frames(12, seed=3)

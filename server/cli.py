@@ -229,6 +229,18 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from benchmarks.pipeline import bench_pipeline
+
+    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    question = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "question.wav"
+    levels = tuple(int(x) for x in args.sessions.split(","))
+    result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=levels,
+                            max_chunk_frames=args.max_chunk_frames)  # fmt: skip
+    _save_json(args.json, result)
+    return 0
+
+
 def _save_json(path: Path | None, result: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -310,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--question-wav", type=Path, help="what the clients say (default: the test fixture)")
     bs.add_argument("--json", type=Path, help="save the result here")
     bs.set_defaults(func=cmd_bench_serve)
+    bp = bsub.add_parser("pipeline", help="steady-state real-time factor of whole answers through the runner")
+    bp.add_argument("--checkpoint-dir", type=Path)
+    bp.add_argument("--checkpoint")
+    bp.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")
+    bp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    bp.add_argument("--steps", type=int, default=120)
+    bp.add_argument("--sessions", default="1,2")
+    bp.add_argument("--max-chunk-frames", type=int, default=4)
+    bp.add_argument("--json", type=Path)
+    bp.set_defaults(func=cmd_bench_pipeline, device="cpu")
     bc = bsub.add_parser("compare", help="ours vs a naive upstream-style loop, fp32 and bf16, side by side")
     _add_checkpoint_args(bc)
     bc.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")

@@ -43,6 +43,7 @@ class ResponseRequest:
     left_context_frames: int = 3
     lookahead_frames: int = 3
     max_audio_lead_ms: float = 1000.0
+    stop_rules: bool = True  # False: run the whole budget (benchmarks of steady-state speed)
 
 
 class ResponseHandle:
@@ -172,7 +173,7 @@ class ModelRunner:
                 t0 = time.perf_counter()
                 prompt = self.model.prompt(req.task, audio=req.audio, text=req.text)
                 job.encode_ms = (time.perf_counter() - t0) * 1000
-                job.gen = self.model.start(prompt, req.sampling, req.max_new_tokens)
+                job.gen = self.model.start(prompt, req.sampling, req.max_new_tokens, req.stop_rules)
             except Exception as e:
                 log.warning("response %s refused: %s", job.handle.response_id, e)
                 self._finish(job, "failed", reason=str(e))

@@ -226,3 +226,13 @@ def test_bfloat16_runs_every_audio_task(tiny_ckpt, question_audio) -> None:
     assert model.llm.backbone.rotary_emb.inv_freq.dtype == torch.float32  # RoPE stays fp32
     r, _ = _run(model, Task.A1A2, question_audio)
     assert r.stop in ("eoa", "budget") and r.num_steps > 1
+
+
+def test_core_matches_the_naive_upstream_style_loop(tiny_model: OmniModel, question_audio) -> None:
+    """The exact optimizations (logit slices, no text after _eot, tensor feedback) change no token."""
+    from benchmarks.naive import naive_a1a2
+
+    prompt = tiny_model.prompt(Task.A1A2, audio=question_audio)
+    naive = naive_a1a2(tiny_model.llm, prompt, 40)
+    r = tiny_model.start(prompt, max_new_tokens=40, stop_rules=False).run()
+    assert [*r.audio_steps.tolist(), r.text_steps] == naive

@@ -1,0 +1,88 @@
+"""`omnivox bench pipeline`: steady-state speed of whole A1->A2 answers through the runner.
+
+N answers are submitted at once to one model runner (Whisper encode, prefill, decode steps
+and streamed SNAC decoding on its second thread, exactly as sessions use it) with the stop
+rules off, so every answer is `steps` long whatever the random weights would say. For each
+answer: time to the first audio chunk, the real-time factor (audio seconds made per wall
+second after the first chunk), and the worst playback stall a listener starting at the
+first chunk would hear (0 = never starved).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.audio import load_audio_file
+from model.omni import OmniModel
+from model.prompts import Task
+from streaming.events import AudioChunk
+from streaming.runner import ModelRunner, ResponseHandle, ResponseRequest
+
+from .machine import machine_info
+
+
+@dataclass
+class _Answer:
+    first: float | None = None
+    end: float = 0.0
+    audio_s: float = 0.0
+    stall: float = 0.0
+
+
+def bench_pipeline(
+    checkpoint: str | Path,
+    question_wav: Path,
+    *,
+    dtype: str = "auto",
+    steps: int = 120,
+    levels: tuple[int, ...] = (1, 2),
+    max_chunk_frames: int = 4,
+) -> dict[str, Any]:
+    model = OmniModel.load(checkpoint, dtype=dtype)
+    runner = ModelRunner(model).start()
+    audio = load_audio_file(question_wav)
+    rows = []
+    try:
+        for n in levels:
+            handles = [
+                ResponseHandle(f"r{i}", "i", ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=steps,
+                               stop_rules=False, max_audio_lead_ms=1e9, max_chunk_frames=max_chunk_frames))
+                for i in range(n)
+            ]  # fmt: skip
+            t0 = time.monotonic()
+            for h in handles:
+                runner.submit(h)
+            stats = [_Answer() for _ in handles]
+            deadline = t0 + 60 + steps * n
+            while time.monotonic() < deadline and not all(h.done.is_set() and h.events.empty() for h in handles):
+                for h, st in zip(handles, stats, strict=True):
+                    while not h.events.empty():
+                        ev = h.events.get_nowait()
+                        now = time.monotonic()
+                        if isinstance(ev, AudioChunk):
+                            first = st.first = now if st.first is None else st.first
+                            st.stall = max(st.stall, now - (first + st.audio_s))  # > 0: it came late
+                            st.audio_s += len(ev.pcm) / 2 / 24000
+                            st.end = now
+                runner.wake()
+                time.sleep(0.002)
+            rtf = [st.audio_s / (st.end - st.first) for st in stats if st.first is not None and st.end > st.first]
+            firsts = [(st.first - t0) * 1000 for st in stats if st.first is not None]
+            rows.append({
+                "sessions": n,
+                "first_audio_ms": round(statistics.median(firsts), 1) if firsts else None,
+                "real_time_factor_min": round(min(rtf), 3) if rtf else None,
+                "max_stall_ms": round(max(st.stall for st in stats) * 1000, 1),
+                "audio_s_per_answer": round(float(np.mean([st.audio_s for st in stats])), 2),
+            })  # fmt: skip
+            print(rows[-1])
+    finally:
+        runner.close()
+    return {"benchmark": "pipeline", "checkpoint": str(checkpoint), "dtype": dtype, "steps": steps,
+            "max_chunk_frames": max_chunk_frames, "levels": rows, "machine": machine_info()}  # fmt: skip

@@ -91,6 +91,14 @@ class WhisperEncoder(nn.Module):
     def feature_dim(self) -> int:
         return self.dims.n_audio_state
 
+    def cast_(self, dtype: torch.dtype) -> WhisperEncoder:
+        """Matmul weights to `dtype`; LayerNorms stay fp32 (openai-whisper normalizes in fp32)."""
+        with torch.no_grad():
+            for module in self.encoder.modules():
+                if isinstance(module, (nn.Linear, nn.Conv1d)):
+                    module.to(dtype)
+        return self
+
     @classmethod
     def from_file(cls, path: Path) -> WhisperEncoder:
         """Load the encoder from an openai-whisper checkpoint file ({"dims", "model_state_dict"})."""
@@ -121,8 +129,8 @@ class WhisperEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """mel (B, n_mels, 3000) -> features (B, 1500, n_audio_state)."""
-        p = next(self.encoder.parameters())
-        return self.encoder(mel.to(device=p.device, dtype=p.dtype))
+        p = self.encoder.conv1.weight
+        return self.encoder(mel.to(device=p.device, dtype=p.dtype)).float()
 
     def encode(self, audio: np.ndarray) -> torch.Tensor:
         """16 kHz audio -> (L, C) features of its first L frames (L from the unpadded length)."""

@@ -140,23 +140,40 @@ class Generation:
 
     @torch.inference_mode()
     def step(self) -> StepOutput | None:
+        """Run one step on this response alone: the prefill first, then one decode step per call."""
+        nxt = self.begin_step()
+        if nxt is None:
+            return None
+        embeds, pos = nxt
+        h = self.model.hidden(embeds, self.cache, pos)[:, -1]  # (B, C)
+        return self.finish_step(h)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.steps_done == 0
+
+    @torch.inference_mode()
+    def begin_step(self) -> tuple[torch.Tensor, int] | None:
+        """The next step's input embeddings (B, T, C) and first position, or None when done.
+
+        With `finish_step`, lets a runner put the decode steps of many responses into one
+        batched forward (`OmniLM.hidden_step_batched`)."""
         if self.stop is not None:
             return None
         if self.steps_done >= self.max_steps:
             self.stop = "budget"
             return None
+        if self.steps_done == 0:
+            return self.model.embed(self.prompt.ids.to(self.model.device), self.prompt.splices), 0
+        assert self._feedback is not None
+        return self.model.embed(self._feedback.to(self.model.device)), self.prompt.length + self.steps_done - 1
+
+    @torch.inference_mode()
+    def finish_step(self, h: torch.Tensor) -> StepOutput | None:
+        """Sample from the step's last hidden states h (B, C) and apply upstream's stop rules."""
         task, layout = self.prompt.task, self.layout
         s = self.steps_done
         first = s == 0
-        if first:
-            embeds = self.model.embed(self.prompt.ids.to(self.model.device), self.prompt.splices)
-            pos = 0
-        else:
-            assert self._feedback is not None
-            embeds = self.model.embed(self._feedback.to(self.model.device))
-            pos = self.prompt.length + s - 1
-        h = self.model.hidden(embeds, self.cache, pos)[:, -1]  # (B, C)
-
         audio: torch.Tensor | None = None
         if task.audio_out:
             audio = sample(
@@ -165,13 +182,8 @@ class Generation:
         if task.audio_out and self.text_ended:
             text = layout.pad_t  # rule (1): once text has ended, _pad_t in output and feedback
         else:
-            text = int(
-                sample(
-                    self.model.text_logits(h[self.prompt.text_row : self.prompt.text_row + 1]),
-                    self.sampling,
-                    self.generator,
-                )[0]
-            )
+            row = h[self.prompt.text_row : self.prompt.text_row + 1]
+            text = int(sample(self.model.text_logits(row), self.sampling, self.generator)[0])
 
         if not first and self.stop_rules:
             if task.audio_out:

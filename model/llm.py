@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, Qwen2Config, Qwen2Model
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, apply_rotary_pos_emb
 
 from .config import ModelConfig
 
@@ -112,6 +114,41 @@ class OmniLM(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=embeds.device)[None]
         out = self.backbone(inputs_embeds=embeds, past_key_values=cache, position_ids=positions, use_cache=True)
         return out.last_hidden_state
+
+    def hidden_step_batched(
+        self, embeds: torch.Tensor, groups: Sequence[tuple[DynamicCache, int, slice]]
+    ) -> torch.Tensor:
+        """One decode position for several responses at once (continuous batching).
+
+        embeds (N, 1, C) stacks the rows of every response; `groups` gives, per response, its
+        own KV cache, its position and its rows. Every matmul runs once over all N rows; only
+        attention runs per response, against that response's cache. Returns (N, C), the
+        final-normed hidden states (the same math as `hidden`, in another grouping).
+        """
+        bb = self.backbone
+        n = embeds.shape[0]
+        positions = torch.cat([torch.full((sl.stop - sl.start,), pos, dtype=torch.long) for _, pos, sl in groups]).to(
+            embeds.device
+        )[:, None]  # (N, 1)
+        cos, sin = bb.rotary_emb(embeds, positions)
+        x = embeds
+        layers = cast(list[Qwen2DecoderLayer], list(bb.layers))
+        for layer_idx, layer in enumerate(layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            hd = attn.head_dim
+            q = attn.q_proj(h).view(n, 1, -1, hd).transpose(1, 2)  # (N, H, 1, hd)
+            k = attn.k_proj(h).view(n, 1, -1, hd).transpose(1, 2)  # (N, KV, 1, hd)
+            v = attn.v_proj(h).view(n, 1, -1, hd).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            outs = []
+            for cache, _, rows in groups:
+                keys, values = cache.update(k[rows], v[rows], layer_idx)
+                outs.append(F.scaled_dot_product_attention(q[rows], keys, values, scale=attn.scaling, enable_gqa=True))
+            o = torch.cat(outs).transpose(1, 2).reshape(n, 1, -1)  # (N, 1, H * hd)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return bb.norm(x)[:, -1]
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., 152000) logits of the text slice only."""

@@ -1,10 +1,12 @@
 """The model runner: one thread that owns the model and steps every active response.
 
 Sessions submit `ResponseRequest`s and read typed events from each response's bounded
-queue. The runner interleaves responses step by step (round robin), so a second
-session's answer progresses while the first one is speaking; it only steps a response
-whose consumer keeps up (queue room) and that is not too far ahead of playback. SNAC
-decoding runs on a second thread, overlapped with the next LLM step.
+queue. Each round, new responses are prefilled one by one (their prompt lengths differ) and
+the decode steps of all the others run together in one batched forward (continuous
+batching: responses join and leave between steps), so many sessions' answers progress at
+once for about the cost of one. Only a response whose consumer keeps up (queue room) and
+that is not too far ahead of playback steps. SNAC decoding runs on a second thread,
+overlapped with the next LLM step.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from model.codec import SAMPLES_PER_FRAME, SNAC_SAMPLE_RATE, to_pcm16
-from model.decoding import Generation, SamplingConfig
+from model.decoding import Generation, SamplingConfig, StepOutput
 from model.omni import OmniModel
 from model.prompts import Task
 
@@ -144,20 +147,75 @@ class ModelRunner:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._admit()
-            progressed = False
-            now = time.monotonic()
-            for job in list(self._active):
-                try:
-                    progressed |= self._advance(job, now)
-                except Exception as e:  # one broken response must not stop the others
-                    log.exception("response %s failed", job.handle.response_id)
+            try:
+                progressed = self._round(time.monotonic())
+            except Exception as e:  # a broken step must not stop the runner
+                log.exception("decode round failed")
+                for job in list(self._active):
                     self._finish(job, "failed", reason=str(e))
+                progressed = True
             if not progressed:
                 self._wake.wait(0.01)
                 self._wake.clear()
-        for job in self._active:
+        for job in list(self._active):
             job.handle.cancel("server_shutdown")
             self._finish(job, "cancelled", reason="server_shutdown")
+
+    def _round(self, now: float) -> bool:
+        """One step of every response that may step: prefills alone (their lengths differ),
+        then all decode steps together in one batched forward."""
+        decode: list[_Job] = []
+        progressed = False
+        for job in list(self._active):
+            h = job.handle
+            if h.cancelled.is_set():
+                self._finish(job, "cancelled", reason=h.cancel_reason)
+                progressed = True
+                continue
+            if not self._may_step(job, now):
+                continue
+            assert job.gen is not None
+            if job.gen.in_prefill:
+                t0 = time.perf_counter()
+                out = job.gen.step()
+                self._after_step(job, out, t0, time.perf_counter())
+                progressed = True
+            else:
+                decode.append(job)
+        if not decode:
+            return progressed
+        batch: list[tuple[_Job, torch.Tensor, int]] = []
+        for job in decode:
+            assert job.gen is not None
+            nxt = job.gen.begin_step()
+            if nxt is None:
+                self._after_step(job, None, 0.0, 0.0)
+            else:
+                batch.append((job, nxt[0], nxt[1]))
+        if batch:
+            t0 = time.perf_counter()
+            groups, row = [], 0
+            for job, embeds, pos in batch:
+                assert job.gen is not None
+                groups.append((job.gen.cache, pos, slice(row, row + embeds.shape[0])))
+                row += embeds.shape[0]
+            with torch.inference_mode():
+                hidden = self.model.llm.hidden_step_batched(torch.cat([e for _, e, _ in batch]), groups)
+            outs = []
+            for (job, _, _), (_, _, rows) in zip(batch, groups, strict=True):
+                assert job.gen is not None
+                outs.append(job.gen.finish_step(hidden[rows]))
+            t1 = time.perf_counter()
+            for (job, _, _), out in zip(batch, outs, strict=True):
+                self._after_step(job, out, t0, t1)
+        return True
+
+    def _may_step(self, job: _Job, now: float) -> bool:
+        h, req = job.handle, job.handle.request
+        # Room for everything already in flight plus one more step, so no thread ever blocks on a put.
+        if not h.has_room(job.pending_frames + req.lookahead_frames + 4) or job.pending_frames > 16:
+            return False  # the consumer or the SNAC thread is behind: wait for it
+        return job.decoder is None or h.audio_lead_ok(now)
 
     def _admit(self) -> None:
         while len(self._active) < self.max_active:
@@ -189,26 +247,14 @@ class ModelRunner:
                 )
             self._active.append(job)
 
-    def _advance(self, job: _Job, now: float) -> bool:
+    def _after_step(self, job: _Job, out: StepOutput | None, t0: float, t1: float) -> None:
         h = job.handle
-        if h.cancelled.is_set():
-            self._finish(job, "cancelled", reason=h.cancel_reason)
-            return True
-        req = h.request
-        # Room for everything already in flight plus one more step, so no thread ever blocks on a put.
-        if not h.has_room(job.pending_frames + req.lookahead_frames + 4) or job.pending_frames > 16:
-            return False  # the consumer or the SNAC thread is behind: wait for it
-        if job.decoder is not None and not h.audio_lead_ok(now):
-            return False
-        assert job.gen is not None
-        t0 = time.perf_counter()
-        out = job.gen.step()
-        t1 = time.perf_counter()
         if out is None:
+            assert job.gen is not None
             stop = job.gen.stop
             status = "incomplete" if stop == "budget" else "completed"
             self._finish(job, status, reason="max_output_tokens" if stop == "budget" else None)
-            return True
+            return
         self.steps_total += 1
         job.steps += 1
         if job.prefill_ms is None:
@@ -221,7 +267,6 @@ class ModelRunner:
                 job.first_frame_ms = (t1 - job.t_submit) * 1000
             job.pending_frames += 1
             self._decode_jobs.put((job, "frame", out.frame))
-        return True
 
     def _emit_text(self, job: _Job, token: int) -> None:
         lay = self.model.layout

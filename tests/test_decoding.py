@@ -236,3 +236,48 @@ def test_core_matches_the_naive_upstream_style_loop(tiny_model: OmniModel, quest
     naive = naive_a1a2(tiny_model.llm, prompt, 40)
     r = tiny_model.start(prompt, max_new_tokens=40, stop_rules=False).run()
     assert [*r.audio_steps.tolist(), r.text_steps] == naive
+
+
+def _step_together(model: OmniModel, gens: list) -> None:
+    """Decode several generations in one batched forward per step (as the runner does)."""
+    for g in gens:
+        g.step()  # prefills run alone: their lengths differ
+    while True:
+        live = [(g, nxt) for g in gens if (nxt := g.begin_step()) is not None]
+        if not live:
+            return
+        groups, row = [], 0
+        for g, (embeds, pos) in live:
+            groups.append((g.cache, pos, slice(row, row + embeds.shape[0])))
+            row += embeds.shape[0]
+        h = model.llm.hidden_step_batched(torch.cat([e for _, (e, _) in live]), groups)
+        for (g, _), (_, _, rows) in zip(live, groups, strict=True):
+            g.finish_step(h[rows])
+
+
+def test_batched_decode_equals_separate_decoding(tiny_model: OmniModel, question_audio) -> None:
+    prompts = [
+        tiny_model.prompt(Task.A1A2, audio=question_audio),  # two rows
+        tiny_model.prompt(Task.T1A2, text="Hello there, how are you?"),
+        tiny_model.prompt(Task.A1T1, audio=question_audio[:8000]),
+    ]
+    alone = [tiny_model.start(p, max_new_tokens=30).run() for p in prompts]
+    together = [tiny_model.start(p, max_new_tokens=30) for p in prompts]
+    _step_together(tiny_model, together)
+    for a, g in zip(alone, together, strict=True):
+        b = g.result()
+        assert a.stop == b.stop and a.text_steps == b.text_steps and torch.equal(a.audio_steps, b.audio_steps)
+
+
+def test_batched_hidden_states_match_the_model(tiny_model: OmniModel) -> None:
+    llm = tiny_model.llm
+    ids = torch.randint(0, llm.config.padded_vocab_size, (3, 8, 6), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = llm.hidden(llm.embed(ids), llm.new_cache(), 0)[:, -1]
+        caches = [llm.new_cache(), llm.new_cache()]
+        llm.hidden(llm.embed(ids[:2, :, :5]), caches[0], 0)
+        llm.hidden(llm.embed(ids[2:, :, :5]), caches[1], 0)
+        h = llm.hidden_step_batched(
+            llm.embed(ids[:, :, 5:]), [(caches[0], 5, slice(0, 2)), (caches[1], 5, slice(2, 3))]
+        )
+    assert torch.allclose(h, ref, atol=1e-4)

@@ -68,8 +68,9 @@ def replace_non_codes(frames: torch.Tensor, num_codes: int, previous: torch.Tens
 
 
 def frames_to_codes(frames: torch.Tensor) -> list[torch.Tensor]:
-    """(N, 7) frames -> SNAC's [(1, N), (1, 2N), (1, 4N)] codebook tensors."""
-    return [frames[:, list(cols)].reshape(1, -1) for cols in _CODEBOOK_COLUMNS]
+    """(N, 7) frames -> SNAC's [(1, N), (1, 2N), (1, 4N)] codebook tensors; (B, N, 7) -> (B, ...)."""
+    batch = frames.reshape(-1, frames.shape[-2], frames.shape[-1])
+    return [batch[:, :, list(cols)].reshape(batch.shape[0], -1) for cols in _CODEBOOK_COLUMNS]
 
 
 def codes_to_frames(codes: list[torch.Tensor]) -> torch.Tensor:
@@ -142,6 +143,13 @@ class SnacCodec:
                 f"SNAC weights not in the checkpoint (snac/) and {repo_id} could not be fetched: {e}"
             ) from None
         return cls.from_dir(Path(local), noise=noise)
+
+    @torch.inference_mode()
+    def decode_batch(self, frames: torch.Tensor) -> np.ndarray:
+        """(B, N, 7) valid codes -> (B, N * 2048) float32 audio: B windows in one SNAC call."""
+        codes = [c.to(self.device) for c in frames_to_codes(frames.long())]
+        audio = self.snac.decode(codes)  # (B, 1, N * 2048)
+        return audio.reshape(frames.shape[0], -1).float().cpu().numpy()
 
     @torch.inference_mode()
     def decode(self, frames: torch.Tensor) -> np.ndarray:

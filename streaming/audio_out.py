@@ -9,6 +9,7 @@ one-shot decode. Lookahead costs generation time (a few steps), not audio time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,36 +40,83 @@ class StreamingSnacDecoder:
         self.emitted = 0  # frames already handed out as audio
         self.total = 0  # frames pushed
 
-    def push(self, frame: Sequence[int]) -> list[np.ndarray]:
-        """Add one raw frame (7 ids); returns the audio chunks that became exact."""
+    def add(self, frame: Sequence[int]) -> None:
+        """Add one raw frame (7 ids) without decoding anything yet."""
         row = torch.tensor([list(frame)], dtype=torch.long)
         previous = self._frames[-1] if self._frames else None
         self._frames.append(replace_non_codes(row, self.num_codes, previous)[0])
         self.total += 1
+
+    def ready_window(self, final: bool = False) -> Window | None:
+        """The next window that decodes exactly now (or, with `final`, at the end of the answer)."""
+        if self.emitted >= self.total:
+            return None
+        if final:
+            stop = min(self.emitted + self.max_chunk, self.total)
+            return Window(self, self.emitted, stop, max(0, self.emitted - self.left), self.total)
+        if self.total - self.emitted < self.chunk + self.lookahead:
+            return None
+        stop = self.emitted + self.chunk
+        return Window(self, self.emitted, stop, max(0, self.emitted - self.left), stop + self.lookahead)
+
+    def push(self, frame: Sequence[int]) -> list[np.ndarray]:
+        """Add one raw frame (7 ids); returns the audio chunks that became exact."""
+        self.add(frame)
         out = []
-        while self.total - self.emitted >= self.chunk + self.lookahead:
-            stop = self.emitted + self.chunk
-            out.append(self._decode(self.emitted, stop, stop + self.lookahead))
-            self.chunk = min(self.chunk * 2, self.max_chunk)
+        while (w := self.ready_window()) is not None:
+            out.append(w.take(self.codec.decode(w.frames())))
         return out
 
     def flush(self) -> list[np.ndarray]:
         """The rest, at the end of the response: the window ends with the sequence."""
         out = []
-        while self.emitted < self.total:
-            stop = min(self.emitted + self.max_chunk, self.total)
-            out.append(self._decode(self.emitted, stop, self.total))
+        while (w := self.ready_window(final=True)) is not None:
+            out.append(w.take(self.codec.decode(w.frames())))
         return out
 
-    def _decode(self, start: int, stop: int, window_end: int) -> np.ndarray:
-        window_start = max(0, start - self.left)
-        frames = torch.stack(self._frames[window_start - self._base : window_end - self._base])
-        audio = self.codec.decode(frames)
-        offset = (start - window_start) * SAMPLES_PER_FRAME
-        chunk = audio[offset : offset + (stop - start) * SAMPLES_PER_FRAME]
+    def _advance(self, stop: int) -> None:
         self.emitted = stop
+        self.chunk = min(self.chunk * 2, self.max_chunk)
         keep_from = max(0, self.emitted - self.left)  # older frames are never context again
         if keep_from > self._base:
             del self._frames[: keep_from - self._base]
             self._base = keep_from
+
+
+@dataclass
+class Window:
+    """Frames [window_start, window_end) of one decoder; its audio for [start, stop) is exact."""
+
+    decoder: StreamingSnacDecoder
+    start: int
+    stop: int
+    window_start: int
+    window_end: int
+
+    @property
+    def size(self) -> int:
+        return self.window_end - self.window_start
+
+    def frames(self) -> torch.Tensor:
+        d = self.decoder
+        return torch.stack(d._frames[self.window_start - d._base : self.window_end - d._base])
+
+    def take(self, audio: np.ndarray) -> np.ndarray:
+        """The exact middle of the window's decoded audio; moves the decoder on."""
+        offset = (self.start - self.window_start) * SAMPLES_PER_FRAME
+        chunk = audio[offset : offset + (self.stop - self.start) * SAMPLES_PER_FRAME]
+        self.decoder._advance(self.stop)
         return chunk
+
+
+def decode_windows(codec: SnacCodec, windows: Sequence[Window]) -> list[np.ndarray]:
+    """Decode windows of several answers together: one SNAC call per window size."""
+    chunks: list[np.ndarray | None] = [None] * len(windows)
+    by_size: dict[int, list[int]] = {}
+    for i, w in enumerate(windows):
+        by_size.setdefault(w.size, []).append(i)
+    for idx in by_size.values():
+        audio = codec.decode_batch(torch.stack([windows[i].frames() for i in idx]))
+        for row, i in enumerate(idx):
+            chunks[i] = windows[i].take(audio[row])
+    return [c for c in chunks if c is not None]

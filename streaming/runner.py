@@ -26,7 +26,7 @@ from model.decoding import Generation, SamplingConfig, StepOutput
 from model.omni import OmniModel
 from model.prompts import Task
 
-from .audio_out import StreamingSnacDecoder
+from .audio_out import StreamingSnacDecoder, decode_windows
 from .events import AudioChunk, Event, ResponseDone, TranscriptDelta
 
 log = logging.getLogger(__name__)
@@ -318,33 +318,65 @@ class ModelRunner:
     # ---------------- SNAC thread ----------------
 
     def _run_decoder(self) -> None:
+        """SNAC thread: the windows of every answer that are ready decode together."""
         while True:
-            job, kind, frame = self._decode_jobs.get()
-            if kind == "quit":
-                return
-            h = job.handle
+            items = [self._decode_jobs.get()]
+            while True:  # whatever else is waiting joins this round
+                try:
+                    items.append(self._decode_jobs.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if kind == "frame":
-                    job.pending_frames -= 1
-                    if not h.cancelled.is_set() and job.decoder is not None and frame is not None:
-                        for chunk in job.decoder.push(frame):
-                            self._emit_audio(job, chunk)
-                elif kind == "finish":
-                    if not h.cancelled.is_set() and job.decoder is not None:
-                        for chunk in job.decoder.flush():
-                            self._emit_audio(job, chunk)
-                    assert job.done is not None
-                    audio_ms = job.decoder.emitted * FRAME_MS if job.decoder is not None else 0.0
-                    if h.cancelled.is_set():
-                        done = replace(job.done, status="cancelled", reason=h.cancel_reason, audio_ms=audio_ms)
-                    else:
-                        done = replace(job.done, audio_ms=audio_ms)
-                    h.events.put(done)
-                    h.done.set()
-                    job.decoder = None
+                quit_now = self._decode_round(items)
             except Exception:
-                log.exception("SNAC decoding failed for %s", h.response_id)
+                log.exception("SNAC decoding failed")
+                quit_now = any(kind == "quit" for _, kind, _ in items)
             self._wake.set()
+            if quit_now:
+                return
+
+    def _decode_round(self, items: list[tuple[_Job, str, tuple[int, ...] | None]]) -> bool:
+        quit_now = False
+        touched: list[_Job] = []
+        finishing: list[_Job] = []
+        for job, kind, frame in items:
+            if kind == "quit":
+                quit_now = True
+            elif kind == "frame":
+                job.pending_frames -= 1
+                if not job.handle.cancelled.is_set() and job.decoder is not None and frame is not None:
+                    job.decoder.add(frame)
+                    if job not in touched:
+                        touched.append(job)
+            elif kind == "finish":
+                finishing.append(job)
+        codec = self.model.codec
+        while codec is not None:
+            ready = []
+            for job in touched:
+                if job.decoder is not None and not job.handle.cancelled.is_set():
+                    window = job.decoder.ready_window()
+                    if window is not None:
+                        ready.append((job, window))
+            if not ready:
+                break
+            for (job, _), chunk in zip(ready, decode_windows(codec, [w for _, w in ready]), strict=True):
+                self._emit_audio(job, chunk)
+        for job in finishing:
+            h = job.handle
+            if not h.cancelled.is_set() and job.decoder is not None:
+                for chunk in job.decoder.flush():
+                    self._emit_audio(job, chunk)
+            assert job.done is not None
+            audio_ms = job.decoder.emitted * FRAME_MS if job.decoder is not None else 0.0
+            if h.cancelled.is_set():
+                done = replace(job.done, status="cancelled", reason=h.cancel_reason, audio_ms=audio_ms)
+            else:
+                done = replace(job.done, audio_ms=audio_ms)
+            h.events.put(done)
+            h.done.set()
+            job.decoder = None
+        return quit_now
 
     def _emit_audio(self, job: _Job, chunk: np.ndarray) -> None:
         h = job.handle

@@ -128,3 +128,27 @@ def test_vad_ignores_silence_and_noise(vad, name: str) -> None:
     stream, turns = vad.stream(), TurnDetector(TurnDetection())
     edges = [turns.update(stream.prob(audio[s : s + WINDOW]), s) for s in range(0, audio.size - WINDOW + 1, WINDOW)]
     assert not any(edges)
+
+
+def test_windows_of_several_answers_decode_together_exactly(codec: SnacCodec) -> None:
+    from streaming.audio_out import decode_windows
+
+    seqs = [_frames(n, seed=10 + n) for n in (9, 14, 21)]
+    decoders = [StreamingSnacDecoder(codec, 4096, chunk_frames=1, max_chunk_frames=4) for _ in seqs]
+    outs: list[list[np.ndarray]] = [[] for _ in seqs]
+    for step in range(max(len(s) for s in seqs)):
+        for d, s in zip(decoders, seqs, strict=True):
+            if step < len(s):
+                d.add(s[step].tolist())
+        while True:
+            ready = [(i, w) for i, d in enumerate(decoders) if (w := d.ready_window()) is not None]
+            if not ready:
+                break
+            for (i, _), chunk in zip(ready, decode_windows(codec, [w for _, w in ready]), strict=True):
+                outs[i].append(chunk)
+    for i, d in enumerate(decoders):
+        outs[i] += d.flush()
+        one_shot = codec.decode(seqs[i])
+        streamed = np.concatenate(outs[i])
+        assert streamed.shape == one_shot.shape
+        assert np.max(np.abs(streamed - one_shot)) <= 1e-3 * np.max(np.abs(one_shot))

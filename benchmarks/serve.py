@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,7 @@ def bench_serve(
     timeout_s: float = 120.0,
     url: str | None = None,
 ) -> dict[str, Any]:
-    from server.serve import build_engine, make_server
+    from server.serve import build_engine, start_in_thread
     from server.settings import ServerSettings
 
     server = engine = thread = None
@@ -113,13 +112,7 @@ def bench_serve(
         settings = ServerSettings(port=0, checkpoint_dir=Path(checkpoint), dtype=dtype, max_sessions=max(levels),
                                   max_new_tokens=max_new_tokens, log_level="warning")  # fmt: skip
         engine = build_engine(settings)
-        server = make_server(engine)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        server, thread, port = start_in_thread(engine)
         url = f"ws://127.0.0.1:{port}/v1/realtime"
     audio = load_audio_file(question_wav)
     audio = np.concatenate([np.zeros(4800, np.float32), audio, np.zeros(16000, np.float32)])

@@ -177,17 +177,22 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_latency(args: argparse.Namespace) -> int:
-    from benchmarks.latency import bench_latency, print_latency
+def _wav_arg(value: Path | None, fixture: str, flag: str) -> Path:
+    """A WAV given on the command line, else the repository's test fixture of that name."""
     from model.errors import InputError
 
+    path = Path(value) if value else Path(__file__).resolve().parent.parent / "tests" / "fixtures" / fixture
+    if not path.is_file():
+        raise InputError(f"{path} not found: pass {flag}")
+    return path
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from benchmarks.latency import bench_latency, print_latency
+
     ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
-    fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-    question = args.question_wav or fixtures / "question.wav"
-    command = args.command_wav or fixtures / "stop_omni.wav"
-    for wav in (question, command):
-        if not Path(wav).is_file():
-            raise InputError(f"{wav} not found: pass --question-wav and --command-wav")
+    question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
+    command = _wav_arg(args.command_wav, "stop_omni.wav", "--command-wav")
     result = bench_latency(
         ckpt,
         question,
@@ -204,12 +209,9 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from benchmarks.serve import bench_serve
-    from model.errors import InputError
 
     ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
-    question = args.question_wav or Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "question.wav"
-    if not Path(question).is_file():
-        raise InputError(f"{question} not found: pass --question-wav")
+    question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
     levels = tuple(int(x) for x in args.sessions.split(","))
     result = bench_serve(ckpt, question, levels=levels, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                          url=args.url)  # fmt: skip
@@ -233,7 +235,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from benchmarks.pipeline import bench_pipeline
 
     ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
-    question = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "question.wav"
+    question = _wav_arg(None, "question.wav", "--question-wav")
     levels = tuple(int(x) for x in args.sessions.split(","))
     result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=levels,
                             max_chunk_frames=args.max_chunk_frames)  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from types import FrameType
 
 import uvicorn
@@ -94,6 +96,19 @@ def make_server(engine: Engine) -> OmnivoxServer:
         lifespan="off",
     )
     return OmnivoxServer(config, engine)
+
+
+def start_in_thread(engine: Engine, timeout_s: float = 60.0) -> tuple[OmnivoxServer, threading.Thread, int]:
+    """Run the server on a background thread (benchmarks, tests); returns it, the thread and the port."""
+    server = make_server(engine)
+    thread = threading.Thread(target=server.run, name="omnivox-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError("the server did not start")
+    return server, thread, server.servers[0].sockets[0].getsockname()[1]
 
 
 def serve(settings: ServerSettings, demo_checkpoint: str | None) -> int:

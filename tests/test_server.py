@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from server.app import Engine
-from server.serve import build_engine, make_server
+from server.serve import build_engine, start_in_thread
 from server.settings import ServerSettings
 
 from .conftest import fixture_audio
@@ -38,14 +38,7 @@ class Running:
 
 def start_server(settings: ServerSettings) -> Running:
     engine = build_engine(settings)
-    srv = make_server(engine)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "server did not start"
-    port = srv.servers[0].sockets[0].getsockname()[1]
+    srv, thread, port = start_in_thread(engine)
     return Running(engine, thread, srv, port)
 
 

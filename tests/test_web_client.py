@@ -40,12 +40,15 @@ def server(tiny_ckpt: Path) -> Iterator[Running]:
 
 
 def _mic_wav(path: Path) -> None:
-    """The fake microphone: a question, quiet while the answer plays, then "stop omni"."""
+    """The fake microphone: a question heard out in full; then the question again and, right
+    after the end of that turn, "stop omni" (whatever the random answer's length, it is
+    still being generated or played then). Chromium loops the file."""
 
     def quiet(s: float) -> np.ndarray:
         return np.zeros(int(s * 16000), np.float32)
 
-    audio = np.concatenate([quiet(1.0), fixture_audio("question"), quiet(1.6), fixture_audio("stop_omni"), quiet(6.0)])
+    q = fixture_audio("question")
+    audio = np.concatenate([quiet(1.0), q, quiet(7.0), q, quiet(0.8), fixture_audio("stop_omni"), quiet(5.0)])
     sf.write(str(path), audio, 16000, subtype="PCM_16")
 
 

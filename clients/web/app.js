@@ -125,7 +125,9 @@ function playedMsOfCurrent() {
 function stopPlayback(reason) {
   if (!player) return;
   player.port.postMessage("flush");
-  if (current && current.sentSamples > 0) {
+  const heard = current ? stats.playedSamples - current.playedAtStart : 0;
+  // Only an answer still playing was cut: one already heard to the end needs no truncation.
+  if (current && current.sentSamples > 0 && heard < current.sentSamples - 0.05 * (ctx ? ctx.sampleRate : 48000)) {
     // Tell the server what the user actually heard.
     send({ type: "conversation.item.truncate", item_id: current.itemId, content_index: 0,
            audio_end_ms: Math.round(playedMsOfCurrent()) });

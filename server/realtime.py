@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -466,7 +465,3 @@ class Connection:
         self.session.report_playback(ev.audio_end_ms)
         self._send({"type": "conversation.item.truncated", "item_id": ev.item_id, "content_index": ev.content_index,
                     "audio_end_ms": ev.audio_end_ms})  # fmt: skip
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

@@ -131,7 +131,12 @@ function stopPlayback(reason) {
     // Tell the server what the user actually heard.
     send({ type: "conversation.item.truncate", item_id: current.itemId, content_index: 0,
            audio_end_ms: Math.round(playedMsOfCurrent()) });
-    if (current.el) current.el.classList.add("interrupted");
+    if (current.el) {
+      // The text runs ahead of the audio: show the share of it that was heard, as the server keeps.
+      const text = current.el.textContent;
+      current.el.textContent = text.slice(0, Math.round((text.length * heard) / current.sentSamples));
+      current.el.classList.add("interrupted");
+    }
   }
   if (reason) console.info("playback stopped:", reason);
 }

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from model.decoding import Generation
 from model.omni import OmniModel
 from model.prompts import Task, build_prompt
 
@@ -25,9 +26,7 @@ from .naive import naive_a1a2
 
 
 def _ours(model: OmniModel, llm: Any, prompt: Any, steps: int) -> tuple[list[list[int]], float]:
-    g = model.start(prompt, max_new_tokens=steps, stop_rules=False)
-    g.model = llm
-    g.cache = llm.new_cache()
+    g = Generation(llm, prompt, max_new_tokens=steps, stop_rules=False)
     g.step()  # prefill, not timed
     t0 = time.perf_counter()
     while g.step() is not None:

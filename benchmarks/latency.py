@@ -35,11 +35,12 @@ from .machine import machine_info
 CHUNK = 512  # 32 ms at 16 kHz
 
 
-def _pcm(audio: np.ndarray) -> bytes:
+def pcm16_exact(audio: np.ndarray) -> bytes:
+    """Float audio read from int16 back to the same PCM16 bytes (x 32768, no rescaling)."""
     return np.clip(np.round(audio * 32768), -32768, 32767).astype("<i2").tobytes()
 
 
-def _speech_end(audio: np.ndarray, thresh: float = 0.02) -> int:
+def speech_end(audio: np.ndarray, thresh: float = 0.02) -> int:
     """Index just after the last loud sample: where the speech really ends."""
     loud = np.flatnonzero(np.abs(audio) > thresh)
     return int(loud[-1]) + 1 if loud.size else 0
@@ -50,7 +51,7 @@ def _speak(session: Session, audio: np.ndarray, sink: list[tuple[float, Event]])
     (sample i is fed at start + i / 16000)."""
     t0 = time.monotonic()
     for i in range(0, audio.size, CHUNK):
-        session.append_audio(_pcm(audio[i : i + CHUNK]))
+        session.append_audio(pcm16_exact(audio[i : i + CHUNK]))
         now = time.monotonic()
         sink.extend((now, e) for e in session.poll())
         pause = t0 + (i + CHUNK) / 16000 - time.monotonic()
@@ -99,7 +100,7 @@ def bench_latency(
     silence = np.zeros(int(0.3 * 16000), np.float32)
     # No pacing here: the real-time factor is what generation can do, not what playback allows.
     cfg = SessionConfig(input_sample_rate=16000, max_new_tokens=max_new_tokens, max_audio_lead_ms=1e9)
-    q_end, c_end = silence.size + _speech_end(question), _speech_end(command)
+    q_end, c_end = silence.size + speech_end(question), speech_end(command)
     rows = []
     try:
         for _ in range(runs):

@@ -22,6 +22,7 @@ import numpy as np
 
 from model.audio import load_audio_file
 
+from .latency import pcm16_exact, speech_end
 from .machine import machine_info
 
 CHUNK_MS = 20
@@ -35,24 +36,19 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _speech_end(audio: np.ndarray, thresh: float = 0.02) -> int:
-    loud = np.flatnonzero(np.abs(audio) > thresh)
-    return int(loud[-1]) + 1 if loud.size else audio.size
-
-
-async def _client(url: str, audio16: np.ndarray, speech_end: int, timeout_s: float) -> dict[str, Any]:
+async def _client(url: str, audio16: np.ndarray, end_sample: int, timeout_s: float) -> dict[str, Any]:
     import websockets
 
     out: dict[str, Any] = {"ttfa_ms": None, "stall_ms": None, "audio_s": 0.0, "errors": [], "status": None}
     chunk = 16000 * CHUNK_MS // 1000
-    pcm = np.clip(np.round(audio16 * 32768), -32768, 32767).astype("<i2").tobytes()
+    pcm = pcm16_exact(audio16)
     try:
         async with websockets.connect(url, max_size=None, open_timeout=30) as ws:
             json.loads(await ws.recv())  # session.created
             audio_cfg = {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}
             await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": audio_cfg}}))
             t0 = time.monotonic()
-            t_speech_end = t0 + speech_end / 16000  # real-time pace: sample i goes out at t0 + i / 16000
+            t_speech_end = t0 + end_sample / 16000  # real-time pace: sample i goes out at t0 + i / 16000
 
             async def speak() -> None:
                 for i in range(0, audio16.size, chunk):
@@ -89,8 +85,8 @@ async def _client(url: str, audio16: np.ndarray, speech_end: int, timeout_s: flo
     return out
 
 
-async def _level(url: str, n: int, audio: np.ndarray, speech_end: int, timeout_s: float) -> list[dict[str, Any]]:
-    return await asyncio.gather(*(_client(url, audio, speech_end, timeout_s) for _ in range(n)))
+async def _level(url: str, n: int, audio: np.ndarray, end_sample: int, timeout_s: float) -> list[dict[str, Any]]:
+    return await asyncio.gather(*(_client(url, audio, end_sample, timeout_s) for _ in range(n)))
 
 
 def bench_serve(
@@ -116,11 +112,11 @@ def bench_serve(
         url = f"ws://127.0.0.1:{port}/v1/realtime"
     audio = load_audio_file(question_wav)
     audio = np.concatenate([np.zeros(4800, np.float32), audio, np.zeros(16000, np.float32)])
-    speech_end = _speech_end(audio)
+    speech_end_at = speech_end(audio)
     rows = []
     try:
         for n in levels:
-            clients = asyncio.run(_level(url, n, audio, speech_end, timeout_s))
+            clients = asyncio.run(_level(url, n, audio, speech_end_at, timeout_s))
             ttfa = sorted(c["ttfa_ms"] for c in clients if c["ttfa_ms"] is not None)
             stalls = [c["stall_ms"] for c in clients if c["stall_ms"] is not None]
             errors = [e for c in clients for e in c["errors"]]

@@ -156,9 +156,7 @@ class SnacCodec:
         """(N, 7) valid codes -> (N * 2048,) float32 audio in [-1, 1]."""
         if frames.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
-        codes = [c.to(self.device) for c in frames_to_codes(frames.long())]
-        audio = self.snac.decode(codes)  # (1, 1, N * 2048)
-        return audio.reshape(-1).float().cpu().numpy()
+        return self.decode_batch(frames[None])[0]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -159,10 +159,15 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_checkpoint(args: argparse.Namespace) -> str | Path:
+    """--checkpoint-dir, else --checkpoint, else the cached random checkpoint of --size."""
+    return args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+
+
 def cmd_bench_decode(args: argparse.Namespace) -> int:
     from benchmarks.decode import bench_decode, print_table
 
-    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    ckpt = _bench_checkpoint(args)
     result = bench_decode(
         ckpt,
         dtype=args.dtype,
@@ -190,7 +195,7 @@ def _wav_arg(value: Path | None, fixture: str, flag: str) -> Path:
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from benchmarks.latency import bench_latency, print_latency
 
-    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
     command = _wav_arg(args.command_wav, "stop_omni.wav", "--command-wav")
     result = bench_latency(
@@ -210,7 +215,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from benchmarks.serve import bench_serve
 
-    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
     levels = tuple(int(x) for x in args.sessions.split(","))
     result = bench_serve(ckpt, question, levels=levels, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
@@ -223,7 +228,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from benchmarks.compare import bench_compare
 
-    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    ckpt = _bench_checkpoint(args)
     result = bench_compare(ckpt, steps=args.steps)
     for name, row in result["results"].items():
         print(f"{name:11s} {json.dumps(row)}")
@@ -234,7 +239,7 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from benchmarks.pipeline import bench_pipeline
 
-    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size)
+    ckpt = _bench_checkpoint(args)
     question = _wav_arg(None, "question.wav", "--question-wav")
     levels = tuple(int(x) for x in args.sessions.split(","))
     result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=levels,

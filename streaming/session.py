@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -135,6 +135,7 @@ class Session:
                 except queue.Empty:
                     break
             h = self.response
+            taken = len(out)
             if h is not None:
                 while True:
                     try:
@@ -144,7 +145,8 @@ class Session:
                     out.append(self._on_response_event(h, ev))
                     if isinstance(ev, ResponseDone):
                         break
-                self.runner.wake()
+                if len(out) > taken:  # room was made (and maybe playback started): the runner may step
+                    self.runner.wake()
         return out
 
     def _on_response_event(self, h: ResponseHandle, ev: Event) -> Event:
@@ -163,7 +165,7 @@ class Session:
         elif isinstance(ev, ResponseDone):
             timings = dict(ev.timings)
             timings["ttfa_ms"] = round(self._ttfa_ms, 2) if self._ttfa_ms is not None else None
-            ev = ResponseDone(**{**ev.__dict__, "timings": timings})
+            ev = replace(ev, timings=timings)
             self.response = None
         return ev
 

@@ -2,8 +2,8 @@
 
 Same random full-size weights, same A1->A2 prompt, same number of steps (stop rules off):
 the naive loop (benchmarks/naive.py, fp32), our decoding core in fp32 (exact: the same
-greedy tokens, checked) and in bf16 (approximate: its agreement with fp32 is reported as a
-teacher-forced top-1 match rate per stream and the relative logit error).
+greedy tokens, checked), in bf16 and in int8 (approximate: their agreement with fp32 is
+reported as a teacher-forced top-1 match rate per stream and the relative logit error).
 """
 
 from __future__ import annotations
@@ -76,28 +76,48 @@ def _agreement(reference: Any, other: Any, prompt: Any, tokens: list[list[int]])
     }
 
 
-def bench_compare(checkpoint: str | Path, steps: int = 24, prompt_frames: int = 100) -> dict[str, Any]:
+def _mean_agreement(reference: Any, other: Any, cases: list[tuple[Any, list[list[int]]]]) -> dict[str, float]:
+    per_case = [_agreement(reference, other, prompt, tokens) for prompt, tokens in cases]
+    return {k: round(statistics.mean(c[k] for c in per_case), 5) for k in per_case[0]}
+
+
+def bench_compare(
+    checkpoint: str | Path, steps: int = 24, prompt_frames: int = 100, agreement_prompts: int = 3
+) -> dict[str, Any]:
+    """Speed on prompt 0; agreement of the approximate modes over `agreement_prompts` fixed
+    prompts (Whisper-shaped features drawn with seeds 0, 1, 2, ...)."""
     model = OmniModel.load(checkpoint, with_whisper=False, with_snac=False)
-    feats = torch.randn(prompt_frames, model.config.whisper_adapter_dim, generator=torch.Generator().manual_seed(0))
-    prompt = build_prompt(Task.A1A2, model.layout, audio_features=feats)
-    bf16 = copy.deepcopy(model.llm).cast_parameters_(torch.bfloat16)
+    prompts = [
+        build_prompt(
+            Task.A1A2,
+            model.layout,
+            audio_features=torch.randn(
+                prompt_frames, model.config.whisper_adapter_dim, generator=torch.Generator().manual_seed(seed)
+            ),
+        )
+        for seed in range(agreement_prompts)
+    ]
+    prompt = prompts[0]
+    approximate = {
+        "ours_bf16": copy.deepcopy(model.llm).cast_parameters_(torch.bfloat16),
+        "ours_int8": copy.deepcopy(model.llm).quantize_int8_(),
+    }
 
     naive_tokens, naive_rate = _naive(model, prompt, steps)
     fp32_tokens, fp32_rate = _ours(model, model.llm, prompt, steps)
-    bf16_tokens, bf16_rate = _ours(model, bf16, prompt, steps)
-    rows = {
+    cases = [(prompt, fp32_tokens)] + [(p, _ours(model, model.llm, p, steps)[0]) for p in prompts[1:]]
+    rows: dict[str, dict[str, Any]] = {
         "naive_fp32": {"steps_per_s": round(naive_rate, 2)},
         "ours_fp32": {"steps_per_s": round(fp32_rate, 2), "tokens_identical_to_naive": fp32_tokens == naive_tokens},
-        "ours_bf16": {
-            "steps_per_s": round(bf16_rate, 2),
-            "free_running_token_match": round(
-                sum(a == b for x, y in zip(fp32_tokens, bf16_tokens, strict=True) for a, b in zip(x, y, strict=True))
-                / (8 * steps),
-                4,
-            ),
-            **_agreement(model.llm, bf16, prompt, fp32_tokens),
-        },
     }
+    for name, llm in approximate.items():
+        tokens, rate = _ours(model, llm, prompt, steps)
+        same = sum(a == b for x, y in zip(fp32_tokens, tokens, strict=True) for a, b in zip(x, y, strict=True))
+        rows[name] = {
+            "steps_per_s": round(rate, 2),
+            "free_running_token_match": round(same / (8 * steps), 4),
+            **_mean_agreement(model.llm, llm, cases),
+        }
     for row in rows.values():
         row["speedup_vs_naive"] = round(row["steps_per_s"] / naive_rate, 2)
         row["real_time_factor"] = round(row["steps_per_s"] / REAL_TIME_STEPS_PER_S, 3)
@@ -108,6 +128,7 @@ def bench_compare(checkpoint: str | Path, steps: int = 24, prompt_frames: int = 
         "prompt_positions": prompt.length,
         "steps": steps,
         "batch": 2,
+        "agreement_prompts": agreement_prompts,
         "results": rows,
         "machine": machine_info(),
     }

@@ -20,6 +20,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def rss_mb(peak: bool = False) -> float:
+    """This process's resident memory (or its peak so far) in MB."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),

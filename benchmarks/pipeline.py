@@ -24,7 +24,8 @@ from model.prompts import Task
 from streaming.events import AudioChunk
 from streaming.runner import ModelRunner, ResponseHandle, ResponseRequest
 
-from .machine import machine_info
+from .decode import REAL_TIME_STEPS_PER_S
+from .machine import machine_info, rss_mb
 
 
 @dataclass
@@ -46,6 +47,7 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     model = OmniModel.load(checkpoint, dtype=dtype)
     runner = ModelRunner(model).start()
+    loaded_rss = rss_mb()
     audio = load_audio_file(question_wav)
     rows = []
     try:
@@ -73,16 +75,23 @@ def bench_pipeline(
                 runner.wake()
                 time.sleep(0.002)
             rtf = [st.audio_s / (st.end - st.first) for st in stats if st.first is not None and st.end > st.first]
+            # one decode step = one frame: steps/s of an answer from its first chunk to its last
+            sps = [r * REAL_TIME_STEPS_PER_S for r in rtf]
             firsts = [(st.first - t0) * 1000 for st in stats if st.first is not None]
             rows.append({
                 "sessions": n,
                 "first_audio_ms": round(statistics.median(firsts), 1) if firsts else None,
                 "real_time_factor_min": round(min(rtf), 3) if rtf else None,
+                "steps_per_s_per_session": round(statistics.median(sps), 2) if sps else None,
+                "steps_per_s_total": round(sum(sps), 2),
                 "max_stall_ms": round(max(st.stall for st in stats) * 1000, 1),
                 "audio_s_per_answer": round(float(np.mean([st.audio_s for st in stats])), 2),
+                "rss_mb": round(rss_mb(), 1),
+                "peak_rss_mb": round(rss_mb(peak=True), 1),
             })  # fmt: skip
             print(rows[-1])
     finally:
         runner.close()
     return {"benchmark": "pipeline", "checkpoint": str(checkpoint), "dtype": dtype, "steps": steps,
-            "max_chunk_frames": max_chunk_frames, "levels": rows, "machine": machine_info()}  # fmt: skip
+            "max_chunk_frames": max_chunk_frames, "loaded_rss_mb": round(loaded_rss, 1), "levels": rows,
+            "machine": machine_info()}  # fmt: skip

@@ -23,17 +23,9 @@ import numpy as np
 from model.audio import load_audio_file
 
 from .latency import pcm16_exact, speech_end
-from .machine import machine_info
+from .machine import machine_info, rss_mb
 
 CHUNK_MS = 20
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def _client(url: str, audio16: np.ndarray, end_sample: int, timeout_s: float) -> dict[str, Any]:
@@ -129,7 +121,7 @@ def bench_serve(
                 "errors": errors,
                 "completed": sum(c["status"] == "completed" for c in clients),
                 "real_time": bool(stalls) and len(stalls) == n and max(stalls) <= stall_tolerance_ms and not errors,
-                "server_rss_mb": round(_rss_mb(), 1) if server is not None else None,
+                "server_rss_mb": round(rss_mb(), 1) if server is not None else None,
             })  # fmt: skip
             print(json.dumps(rows[-1]))
     finally:

@@ -114,6 +114,11 @@ class SnacCodec:
     def device(self) -> torch.device:
         return next(self.snac.parameters()).device
 
+    def cast_(self, dtype: torch.dtype) -> SnacCodec:
+        """bf16 halves a decode on CPUs with native bf16 (audio within ~1% of peak of fp32)."""
+        self.snac.to(dtype)
+        return self
+
     @classmethod
     def from_dir(cls, directory: Path, noise: bool = False) -> SnacCodec:
         config_path, weights_path = directory / "config.json", directory / "pytorch_model.bin"

@@ -11,6 +11,9 @@ import yaml
 from .errors import CheckpointError
 from .layout import TokenLayout
 
+# Weight precision modes of OmniModel.load (model.omni.resolve_precision says what each does).
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+
 # lit-gpt keys whose values must be exactly these for the Mini-Omni architecture we run.
 _REQUIRED_LITGPT_VALUES: dict[str, Any] = {
     "norm_class_name": "RMSNorm",

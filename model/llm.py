@@ -59,6 +59,50 @@ class Splice:
     adapter: str = "whisper"
 
 
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 rows times a bf16 scale per row (symmetric, 127 levels).
+
+    Input columns whose weights are outliers (absmax > OUTLIER_RATIO x the median column's) are
+    kept out of the int8 matrix and multiplied in bf16 (LLM.int8()'s decomposition, on the
+    weight side): one large column would otherwise set every row's scale and flatten the
+    rest. torch._weight_int8pack_mm is the CPU int8 weight-only kernel torchao and gpt-fast
+    use; torchao itself ran 4x slower than bf16 here without torch.compile.
+    """
+
+    OUTLIER_RATIO = 4.0
+    MAX_OUTLIER_FRACTION = 1 / 64
+    outlier_cols: torch.Tensor
+    outlier_weight: torch.Tensor
+    weight_int8: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        w = weight.detach().float().clone()
+        col_max = w.abs().amax(dim=0)
+        ratio = col_max / col_max.median().clamp(min=1e-12)
+        k = min(int((ratio > self.OUTLIER_RATIO).sum()), max(1, int(w.shape[1] * self.MAX_OUTLIER_FRACTION)))
+        outliers = torch.topk(ratio, k).indices.sort().values if k else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("outlier_cols", outliers)
+        self.register_buffer("outlier_weight", w[:, outliers].to(torch.bfloat16))
+        w[:, outliers] = 0
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias: nn.Parameter | None = None
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        if self.outlier_cols.numel():
+            y = y + flat[:, self.outlier_cols] @ self.outlier_weight.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
 class OmniLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -72,6 +116,9 @@ class OmniLM(nn.Module):
         self.vision_adapter: SwiGLUAdapter | None = None
         if cfg.vision_adapter_dim is not None:
             self.vision_adapter = SwiGLUAdapter(cfg.vision_adapter_dim, cfg.intermediate_size, cfg.n_embd)
+        # int8 mode (quantize_int8_): the head's text and audio slices as separate quantized layers.
+        self.int8_text_head: nn.Module | None = None
+        self.int8_audio_head: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +133,32 @@ class OmniLM(nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.data = p.data.to(dtype)
+        return self
+
+    @property
+    def is_int8(self) -> bool:
+        return self.int8_text_head is not None
+
+    def quantize_int8_(self) -> OmniLM:
+        """Approximate mode: int8 weights (one scale per output channel) in every Linear of the
+        decoder layers and in the head's text and audio slices, bf16 activations, matmuls by
+        torch's int8 weight-only kernel. A decode step reads half the bytes of bf16, and on this
+        memory-bound CPU that is ~2x the steps/s (README, Precision). Embeddings, norms and
+        the adapters stay in bf16/fp32; call on the fp32 model (scales come from fp32 weights).
+        """
+        if self.dtype != torch.float32:
+            raise ValueError("quantize_int8_ needs the fp32 model")
+        lay = self.layout
+        start, stop = lay.audio_logits_range
+        text_head = Int8Linear(self.lm_head.weight[: lay.padded_text_vocab_size], None)
+        audio_head = Int8Linear(self.lm_head.weight[start:stop], None)
+        for layer in cast(list[Qwen2DecoderLayer], list(self.backbone.layers)):
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, Int8Linear(child.weight, child.bias))
+        self.cast_parameters_(torch.bfloat16)
+        self.int8_text_head, self.int8_audio_head = text_head, audio_head
         return self
 
     def embed(self, ids: torch.Tensor, splices: Sequence[Splice] = ()) -> torch.Tensor:
@@ -152,13 +225,20 @@ class OmniLM(nn.Module):
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., 152000) logits of the text slice only."""
+        if self.int8_text_head is not None:
+            return cast(torch.Tensor, self.int8_text_head(h))
         return F.linear(h, self.lm_head.weight[: self.layout.padded_text_vocab_size])
 
     def audio_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., 7, 4160) logits of the 7 audio slices, local ids."""
         start, stop = self.layout.audio_logits_range
-        logits = F.linear(h, self.lm_head.weight[start:stop])
+        if self.int8_audio_head is not None:
+            logits = self.int8_audio_head(h)
+        else:
+            logits = F.linear(h, self.lm_head.weight[start:stop])
         return logits.unflatten(-1, (self.layout.num_audio_layers, self.layout.padded_audio_vocab_size))
 
     def full_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.is_int8:
+            return torch.cat([self.text_logits(h), self.audio_logits(h).flatten(-2)], dim=-1)
         return self.lm_head(h)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.config import PRECISIONS
+
 log = logging.getLogger("omnivox")
 
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
@@ -43,7 +45,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-dir", type=Path, help="local Mini-Omni checkpoint directory")
     g.add_argument("--checkpoint", help="hub id such as gpt-omni/mini-omni (needs network or a cached copy)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=list(PRECISIONS[1:]))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -285,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--dtype",
         default=None,
-        choices=["auto", "float32", "bfloat16"],
-        help="auto (default): bfloat16 on GPUs and CPUs with native bf16, else float32",
+        choices=list(PRECISIONS),
+        help="auto (default): bfloat16 on GPUs and CPUs with native bf16, else float32; "
+        "int8: CPU-only int8 weights+activations (fastest, approximate)",
     )
     sv.add_argument("--api-key", default=None, help="require this key (or OMNIVOX_API_KEY); never logged")
     sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
@@ -333,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--checkpoint-dir", type=Path)
     bp.add_argument("--checkpoint")
     bp.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")
-    bp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    bp.add_argument("--dtype", default="auto", choices=list(PRECISIONS))
     bp.add_argument("--steps", type=int, default=120)
     bp.add_argument("--sessions", default="1,2")
     bp.add_argument("--max-chunk-frames", type=int, default=4)

@@ -223,16 +223,18 @@ def test_snac_falls_back_to_the_hub_id(tiny_ckpt: Path, tmp_path: Path, monkeypa
         OmniModel.load(d, with_whisper=False)
 
 
-def test_dtype_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     import model.omni as omni
-
-    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: True)
-    assert omni.resolve_dtype("auto", "cpu") == torch.bfloat16
-    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: False)
-    assert omni.resolve_dtype("auto", "cpu") == torch.float32
-    assert omni.resolve_dtype("auto", "cuda:0") == torch.bfloat16
-    assert omni.resolve_dtype("float32", "cuda") == torch.float32
     from model.errors import InputError
 
+    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: True)
+    assert omni.resolve_precision("auto", "cpu") == "int8"
+    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: False)
+    assert omni.resolve_precision("auto", "cpu") == "float32"
+    assert omni.resolve_precision("auto", "cuda:0") == "bfloat16"
+    assert omni.resolve_precision("float32", "cuda") == "float32"
+    assert omni.resolve_precision(torch.bfloat16, "cpu") == "bfloat16"
     with pytest.raises(InputError, match="dtype must be"):
-        omni.resolve_dtype("int3", "cpu")
+        omni.resolve_precision("int3", "cpu")
+    with pytest.raises(InputError, match="CPU mode"):
+        omni.resolve_precision("int8", "cuda")

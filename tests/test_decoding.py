@@ -228,6 +228,43 @@ def test_bfloat16_runs_every_audio_task(tiny_ckpt, question_audio) -> None:
     assert r.stop in ("eoa", "budget") and r.num_steps > 1
 
 
+def test_int8_linear_splits_off_outlier_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.llm import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g)
+    w[:, 5] *= 60  # one input channel far larger than the rest (as the random checkpoints' circuit has)
+    bias = torch.randn(96, generator=g)
+    x = torch.randn(3, 64, generator=g)
+    layer = Int8Linear(w, bias)
+    assert layer.outlier_cols.tolist() == [5]
+    ref = x @ w.T + bias
+    out = layer(x)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    err = float((out - ref).norm() / ref.norm())
+    assert err < 0.01  # int8 weights (~0.8% per row) plus bf16 activations
+    # without the decomposition the outlier column sets every row's scale: 3x the error here
+    monkeypatch.setattr(Int8Linear, "OUTLIER_RATIO", float("inf"))
+    plain = Int8Linear(w, bias)
+    assert plain.outlier_cols.numel() == 0
+    assert float((plain(x) - ref).norm() / ref.norm()) > 2.5 * err
+    assert layer(x[0]).shape == (96,)  # the head is also called on single rows
+
+
+def test_int8_mode_runs_every_audio_task_close_to_fp32(tiny_ckpt, tiny_model: OmniModel, question_audio) -> None:
+    from benchmarks.compare import _agreement
+
+    model = OmniModel.load(tiny_ckpt, dtype="int8")
+    assert model.llm.is_int8 and model.llm.dtype == torch.bfloat16
+    r, _ = _run(model, Task.A1A2, question_audio)
+    assert r.stop in ("eoa", "budget") and r.num_steps > 1
+    prompt = tiny_model.prompt(Task.A1A2, audio=question_audio)
+    ref = tiny_model.start(prompt, max_new_tokens=24, stop_rules=False).run()
+    tokens = [*ref.audio_steps.tolist(), ref.text_steps]
+    agree = _agreement(tiny_model.llm, model.llm, prompt, tokens)
+    assert agree["text_top1_match"] >= 0.9 and agree["audio_top1_match"] >= 0.8, agree
+
+
 def test_core_matches_the_naive_upstream_style_loop(tiny_model: OmniModel, question_audio) -> None:
     """The exact optimizations (logit slices, no text after _eot, tensor feedback) change no token."""
     from benchmarks.naive import naive_a1a2

@@ -7,6 +7,10 @@ or the text list for text-only tasks) and the float WAV of its one-shot SNAC dec
 
     python -m benchmarks.parity --upstream-json U.json --checkpoint-dir CKPT \
         --input-wav Q.wav --input-text "What is your name?" [--wav-dir DIR] [--json OUT]
+
+A Mini-Omni2 harness (gpt-omni/mini-omni2's image + audio path) writes instead its
+`list_output` (7 audio token lists + the text list, as its generate loop built them) and
+`stop`; compare it with `--input-image IMG` on the same Mini-Omni2 checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import soundfile as sf
 from model.audio import load_audio_file
 from model.omni import OmniModel
 from model.prompts import Task
+from model.vision import open_image_file
 
 # upstream task name -> ours
 UPSTREAM_TASKS = {
@@ -77,18 +82,47 @@ def compare(upstream: dict[str, Any], model: OmniModel, audio: np.ndarray, text:
     return report
 
 
+def compare_image(upstream: dict[str, Any], model: OmniModel, audio: np.ndarray, image: object) -> dict:
+    prompt = model.prompt(Task.IMAGE_A1A2, audio=audio, image=image)
+    result = model.start(prompt).run()
+    ours = [*result.audio_steps.tolist(), result.text_steps]
+    theirs = upstream["list_output"]
+    row: dict[str, Any] = {
+        "task": Task.IMAGE_A1A2.value,
+        "steps": result.num_steps,
+        "stop": result.stop,
+        "upstream_stop": upstream.get("stop"),
+        "tokens_identical": ours == theirs,
+        "prompt_identical": prompt.ids.tolist() == upstream.get("prompt", {}).get("rows"),
+    }
+    if ours != theirs:
+        row["first_difference"] = next(
+            ({"stream": i, "step": k} for i, (a, b) in enumerate(zip(ours, theirs, strict=False))
+             for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+            {"lengths": [len(ours[0]), len(theirs[0])]},
+        )  # fmt: skip
+    return {"IMAGE-AA-BATCH": row}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream-json", type=Path, required=True)
     ap.add_argument("--checkpoint-dir", type=Path, required=True)
     ap.add_argument("--input-wav", type=Path, required=True)
     ap.add_argument("--input-text", default="What is your name?")
+    ap.add_argument("--input-image", type=Path, help="the image of a Mini-Omni2 harness run")
     ap.add_argument("--wav-dir", type=Path, help="folder of the upstream WAVs named in the JSON")
     ap.add_argument("--json", type=Path, help="write the report here")
     args = ap.parse_args(argv)
     upstream = json.loads(args.upstream_json.read_text())
     model = OmniModel.load(args.checkpoint_dir)
-    report = compare(upstream, model, load_audio_file(args.input_wav), args.input_text, args.wav_dir)
+    audio = load_audio_file(args.input_wav)
+    if "list_output" in upstream:
+        if args.input_image is None:
+            ap.error("this is a Mini-Omni2 image run: give --input-image")
+        report = compare_image(upstream, model, audio, open_image_file(args.input_image))
+    else:
+        report = compare(upstream, model, audio, args.input_text, args.wav_dir)
     for name, row in report.items():
         print(f"{name:9s} {json.dumps(row)}")
     if args.json:

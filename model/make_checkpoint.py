@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -25,10 +26,12 @@ from whisper.model import ModelDimensions, Whisper
 from .checkpoint import LIT_MODEL, MODEL_CONFIG, TOKENIZER, omni_to_litgpt
 from .config import FULL_CONFIG, TINY_CONFIG, ModelConfig
 from .llm import OmniLM
+from .vision import CLIP_FILE
 
 log = logging.getLogger(__name__)
 
 SIZES = ("tiny", "full")
+FAMILIES = ("mini-omni", "mini-omni2")
 
 WHISPER_DIMS = {
     "tiny": ModelDimensions(80, 1500, 64, 2, 2, 51865, 448, 64, 2, 2),
@@ -216,13 +219,116 @@ def speakable_ids(tok: Tokenizer) -> list[int]:
     return ids
 
 
-def random_llm(cfg: ModelConfig, seed: int, speakable: list[int]) -> OmniLM:
+def random_llm(cfg: ModelConfig, seed: int, speakable: list[int], image_sink: bool = False) -> OmniLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = OmniLM(cfg)
     g = torch.Generator().manual_seed(seed)
     _shape_weights(model, speakable, g)
+    if image_sink:
+        # Image prompts open with `_image` on the 7 audio streams instead of `_input_t`: give
+        # it the same averaged sink weight, so image answers end like audio ones.
+        lay, E = model.layout, model.backbone.embed_tokens.weight
+        with torch.no_grad():
+            for i in range(lay.num_audio_layers):
+                E[lay.audio_global(lay.image, i), C_SINK] = E[lay.input_t, C_SINK] / lay.num_audio_layers
     return model.eval()
+
+
+class _ClipBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, width // 64)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, 4 * width), "c_proj": nn.Linear(4 * width, width)})
+        self.ln_2 = nn.LayerNorm(width)
+
+
+class _ClipTower(nn.Module):
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList([_ClipBlock(width) for _ in range(layers)])
+
+
+class _ClipVisual(nn.Module):
+    def __init__(self, width: int, layers: int, embed: int, patch: int = 32, resolution: int = 224) -> None:
+        super().__init__()
+        grid = resolution // patch
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = _ClipTower(width, layers)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.zeros(width, embed))
+
+
+class _OpenAIClipFile(nn.Module):
+    """Holds parameters under OpenAI CLIP's names; scripted only to be saved as OpenAI does."""
+
+    def __init__(self, dims: dict[str, int], context: int = 77) -> None:
+        super().__init__()
+        self.visual = _ClipVisual(dims["vision_width"], dims["vision_layers"], dims["embed"])
+        self.transformer = _ClipTower(dims["text_width"], dims["text_layers"])
+        self.token_embedding = nn.Embedding(dims["vocab"], dims["text_width"])
+        self.positional_embedding = nn.Parameter(torch.zeros(context, dims["text_width"]))
+        self.ln_final = nn.LayerNorm(dims["text_width"])
+        self.text_projection = nn.Parameter(torch.zeros(dims["text_width"], dims["embed"]))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # OpenAI's archives carry these as tensors; its loader drops them from the state dict.
+        self.register_buffer("input_resolution", torch.tensor(224))
+        self.register_buffer("context_length", torch.tensor(context))
+        self.register_buffer("vocab_size", torch.tensor(dims["vocab"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# What OpenAI's loader (and so Mini-Omni2) rounds through fp16: conv, linear, attention and
+# projection weights. Embeddings and layer norms stay fp32 (see model/vision.py).
+def _openai_fp16(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        name.endswith(("conv1.weight", "in_proj_weight", "in_proj_bias", "text_projection", "visual.proj"))
+        or ".out_proj." in name
+        or ".c_fc." in name
+        or ".c_proj." in name
+    ) and leaf != "logit_scale"
+
+
+def write_random_clip(path: Path, size: str, seed: int) -> None:
+    """A random CLIP in OpenAI's file format: a TorchScript archive of `visual.*` + text tower.
+
+    full: ViT-B/32's shapes, fp16 where OpenAI's file is fp16; tiny: small, all fp32 (so the
+    loader's fp16 rounding is exercised)."""
+    dims = CLIP_DIMS[size]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = _OpenAIClipFile(dims)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        params = dict(m.named_parameters())
+        for name in sorted(params):
+            p, leaf = params[name], name.rsplit(".", 1)[-1]
+            if leaf == "logit_scale":
+                continue
+            if ".ln_" in "." + name:
+                p.copy_((1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:  # biases and the class embedding
+                p.copy_((p.shape[0] ** -0.5 if leaf == "class_embedding" else 0.1) * torch.randn(p.shape, generator=g))
+            elif leaf in ("proj", "text_projection", "positional_embedding"):
+                p.copy_(
+                    p.shape[-1 if leaf == "positional_embedding" else 0] ** -0.5 * torch.randn(p.shape, generator=g)
+                )
+            elif "token_embedding" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            else:  # conv / linear / in_proj weights (out, in, ...)
+                p.copy_(math.prod(p.shape[1:]) ** -0.5 * torch.randn(p.shape, generator=g))
+            if size == "full" and _openai_fp16(name):
+                p.data = p.data.half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        torch.jit.save(torch.jit.script(m.eval()), str(path))
 
 
 def _snac_legacy_state_dict(sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -236,16 +342,31 @@ def _snac_legacy_state_dict(sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, 
             yield key, value
 
 
-def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight Mini-Omni checkpoint directory; deterministic per (size, seed)."""
+# OpenAI CLIP shapes: "full" is ViT-B/32 itself; "tiny" keeps its 224 px / 32 px patches (50 tokens).
+CLIP_DIMS = {
+    "tiny": {"embed": 32, "vision_width": 64, "vision_layers": 2, "text_width": 64, "text_layers": 1, "vocab": 512},
+    "full": {"embed": 512, "vision_width": 768, "vision_layers": 12, "text_width": 512, "text_layers": 12,
+             "vocab": 49408},
+}  # fmt: skip
+
+
+def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, family: str = "mini-omni") -> Path:
+    """Write a random-weight Mini-Omni (or Mini-Omni2) checkpoint directory; deterministic per
+    (size, seed, family). Mini-Omni2 adds the vision adapter, `vision_adapter_dim`, OpenAI's
+    `ViT-B-32.pt` (random CLIP, TorchScript archive) and keeps Whisper at `small.pt` as its release."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     from snac import SNAC
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = TINY_CONFIG if size == "tiny" else FULL_CONFIG
-    cfg = cfg.replace(name=f"mini-omni-random-{size}")
+    cfg = cfg.replace(name=f"{family}-random-{size}")
+    omni2 = family == "mini-omni2"
+    if omni2:
+        cfg = cfg.replace(vision_adapter_dim=CLIP_DIMS[size]["embed"])
 
     log.info("training the demo tokenizer")
     tok = train_tokenizer()
@@ -259,7 +380,7 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
     (out / MODEL_CONFIG).write_text(yaml.safe_dump(cfg.to_litgpt_dict(), sort_keys=True))
 
     log.info("making random %s LLM weights (seed %d)", size, seed)
-    llm = random_llm(cfg, seed, speakable_ids(tok))
+    llm = random_llm(cfg, seed, speakable_ids(tok), image_sink=omni2)
     torch.save(omni_to_litgpt(llm.state_dict(), cfg), out / LIT_MODEL)
     del llm
 
@@ -270,10 +391,15 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
         whisper = Whisper(dims)
         # The decoder's positional embedding is left as torch.empty: fill it so files are reproducible.
         torch.nn.init.normal_(whisper.decoder.positional_embedding, std=0.01)
-    (out / "whisper").mkdir(exist_ok=True)
     whisper_sd = {k: v.half() if size == "full" else v for k, v in whisper.state_dict().items()}
-    torch.save({"dims": asdict(dims), "model_state_dict": whisper_sd}, out / "whisper" / "small.pt")
+    whisper_file = out / "small.pt" if omni2 else out / "whisper" / "small.pt"  # where each release has it
+    whisper_file.parent.mkdir(exist_ok=True)
+    torch.save({"dims": asdict(dims), "model_state_dict": whisper_sd}, whisper_file)
     del whisper
+
+    if omni2:
+        log.info("making random CLIP ViT-B/32 weights")
+        write_random_clip(out / CLIP_FILE, size, seed + 3)
 
     log.info("making random SNAC weights")
     snac_cfg = {**_SNAC_24KHZ, **SNAC_CONFIGS[size]}
@@ -284,25 +410,26 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
     (out / "snac" / "config.json").write_text(json.dumps(snac_cfg, indent=2) + "\n")
     torch.save(dict(_snac_legacy_state_dict(snac.state_dict())), out / "snac" / "pytorch_model.bin")
     (out / "README.md").write_text(
-        f"Random-weight Mini-Omni checkpoint ({size}, seed {seed}) written by `omnivox make-checkpoint`.\n"
+        f"Random-weight {family} checkpoint ({size}, seed {seed}) written by `omnivox make-checkpoint`.\n"
         "It has the upstream file layout and shapes but no training: it speaks noise.\n"
     )
     return out
 
 
-def cached_checkpoint(cache_root: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """The random checkpoint (size, seed) under cache_root, made once; atomic against crashes."""
+def cached_checkpoint(cache_root: str | Path, size: str = "tiny", seed: int = 0, family: str = "mini-omni") -> Path:
+    """The random checkpoint (size, seed, family) under cache_root, made once; atomic against crashes."""
     import shutil
     import tempfile
 
-    target = Path(cache_root) / f"random-{size}-seed{seed}-v{RECIPE_VERSION}"
+    prefix = "random" if family == "mini-omni" else "random-omni2"
+    target = Path(cache_root) / f"{prefix}-{size}-seed{seed}-v{RECIPE_VERSION}"
     if (target / LIT_MODEL).is_file() and (target / "snac" / "pytorch_model.bin").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("making the %s random checkpoint in %s (once)", size, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        make_checkpoint(tmp, size, seed)
+        make_checkpoint(tmp, size, seed, family)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

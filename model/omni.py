@@ -31,6 +31,7 @@ from .layout import TokenLayout
 from .llm import OmniLM
 from .prompts import Prompt, Task, build_prompt
 from .tokenizer import TextTokenizer
+from .vision import ClipImageEncoder, load_clip
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,16 @@ class OmniModel:
     whisper: WhisperEncoder | None
     codec: SnacCodec | None
     source: str
+    clip: ClipImageEncoder | None = None  # Mini-Omni2 checkpoints only
+
+    @property
+    def family(self) -> str:
+        """ "mini-omni2" when the checkpoint has a vision adapter, else "mini-omni"."""
+        return "mini-omni2" if self.config.vision_adapter_dim is not None else "mini-omni"
+
+    @property
+    def takes_images(self) -> bool:
+        return self.config.vision_adapter_dim is not None
 
     @property
     def layout(self) -> TokenLayout:
@@ -85,6 +96,7 @@ class OmniModel:
         dtype: str | torch.dtype = "float32",
         with_whisper: bool = True,
         with_snac: bool = True,
+        with_clip: bool = True,
     ) -> OmniModel:
         """Load a checkpoint directory or hub id (see DESIGN.md section 2 for the layout)."""
         precision = resolve_precision(dtype, device)
@@ -113,13 +125,22 @@ class OmniModel:
                 f"Whisper encoder width {whisper.feature_dim} != whisper_adapter_dim "
                 f"{config.whisper_adapter_dim} in {MODEL_CONFIG}"
             )
+        clip = None
+        if with_clip and config.vision_adapter_dim is not None:
+            clip = load_clip(root).to(device)  # fp32, as the release runs it on CPU
+            if clip.feature_dim != config.vision_adapter_dim:
+                raise CheckpointError(
+                    f"CLIP projection width {clip.feature_dim} != vision_adapter_dim "
+                    f"{config.vision_adapter_dim} in {MODEL_CONFIG}"
+                )
         codec = load_snac(root) if with_snac else None
         if codec is not None:
             codec.snac.to(device)
             if encoder_dtype != torch.float32:
                 codec.cast_(encoder_dtype)
-        log.info("loaded %s (%s, %s) in %.1f s", root, device, precision, time.perf_counter() - t0)
-        return cls(config, llm, tokenizer, whisper, codec, str(root))
+        family = "mini-omni2" if config.vision_adapter_dim is not None else "mini-omni"
+        log.info("loaded %s (%s, %s, %s) in %.1f s", root, family, device, precision, time.perf_counter() - t0)
+        return cls(config, llm, tokenizer, whisper, codec, str(root), clip)
 
     def encode_audio(self, audio: np.ndarray) -> torch.Tensor:
         """16 kHz mono float audio -> (L, C) Whisper features."""
@@ -127,7 +148,23 @@ class OmniModel:
             raise InputError("this model was loaded without a Whisper encoder")
         return self.whisper.encode(audio)
 
-    def prompt(self, task: Task, *, audio: np.ndarray | None = None, text: str | None = None) -> Prompt:
+    def encode_image(self, image: object) -> torch.Tensor:
+        """A decoded PIL image (model.vision.decode_image) -> (50, D) CLIP features."""
+        if not self.takes_images:
+            raise InputError("this checkpoint takes no images (Mini-Omni; images need a Mini-Omni2 checkpoint)")
+        if self.clip is None:
+            raise InputError("this model was loaded without its CLIP image encoder")
+        return self.clip.encode(image)
+
+    def prompt(
+        self, task: Task, *, audio: np.ndarray | None = None, text: str | None = None, image: object | None = None
+    ) -> Prompt:
+        if task.image_in:
+            if image is None or audio is None:
+                raise InputError(f"task {task.value} needs an input image and input audio")
+            return build_prompt(
+                task, self.layout, audio_features=self.encode_audio(audio), image_features=self.encode_image(image)
+            )
         if task.audio_in:
             if audio is None:
                 raise InputError(f"task {task.value} needs input audio")

@@ -1,7 +1,8 @@
 """Prompt construction for every Mini-Omni task (DESIGN.md section 2), as (B, 8, T) global ids.
 
 Streams 0..6 are the audio layers, stream 7 the text. Whisper features replace the
-audio-stream embeddings at positions 1..L (see `llm.Splice`).
+audio-stream embeddings at positions 1..L (see `llm.Splice`); in Mini-Omni2's image task
+the 50 CLIP features go to positions 1..50 and the Whisper features to 52..51+L.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ class Task(str, Enum):
     T1A2 = "t1a2"  # text in, audio + text out
     T1T2 = "t1t2"  # text in, text out
     A1T1 = "a1t1"  # audio in, transcript out (ASR)
+    IMAGE_A1A2 = "image-a1a2"  # Mini-Omni2: image + audio in, audio + text out, two-row batch
 
     @property
     def audio_in(self) -> bool:
-        return self in (Task.A1A2, Task.A1A2_SINGLE, Task.A1T2, Task.A1T1)
+        return self in (Task.A1A2, Task.A1A2_SINGLE, Task.A1T2, Task.A1T1, Task.IMAGE_A1A2)
 
     @property
     def audio_out(self) -> bool:
-        return self in (Task.A1A2, Task.A1A2_SINGLE, Task.T1A2)
+        return self in (Task.A1A2, Task.A1A2_SINGLE, Task.T1A2, Task.IMAGE_A1A2)
+
+    @property
+    def image_in(self) -> bool:
+        return self is Task.IMAGE_A1A2
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,15 @@ def audio_in_row(layout: TokenLayout, n_frames: int, audio_last: int, text_last:
     return _streams(layout, audio, text)
 
 
+def image_audio_in_row(layout: TokenLayout, n_image: int, n_frames: int, audio_last: int) -> torch.Tensor:
+    """Mini-Omni2's image task (DESIGN.md section 2): `_image, _pad_a x 50, _eoimage, _input_a,
+    _pad_a x (L - 1), _pad_a, _eoa, audio_last` / `_pad_t` everywhere, then `_answer_t`."""
+    audio = [layout.image, *[layout.pad_a] * n_image, layout.eoimage, layout.input_a]
+    audio += [*[layout.pad_a] * n_frames, layout.eoa, audio_last]
+    text = [*[layout.pad_t] * (len(audio) - 1), layout.answer_t]
+    return _streams(layout, audio, text)
+
+
 def text_in_row(layout: TokenLayout, text_ids: Sequence[int], audio_out: bool) -> torch.Tensor:
     n = len(text_ids)
     if audio_out:
@@ -82,9 +97,25 @@ def build_prompt(
     *,
     audio_features: torch.Tensor | None = None,
     text_ids: Sequence[int] | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> Prompt:
     """audio_features: (L, C) Whisper features of the user's audio (audio-in tasks);
-    text_ids: tokenizer ids of the user's text (text-in tasks)."""
+    text_ids: tokenizer ids of the user's text (text-in tasks);
+    image_features: (50, D) CLIP features of the user's image (image task)."""
+    if task.image_in:
+        if audio_features is None or image_features is None:
+            raise ValueError(f"task {task.value} needs an image and audio")
+        n_img, n = int(image_features.shape[0]), int(audio_features.shape[0])
+        rows = [
+            image_audio_in_row(layout, n_img, n, layout.answer_a),
+            image_audio_in_row(layout, n_img, n, layout.pad_a),
+        ]
+        # The release splices the audio one slot further left than Mini-Omni: over `_input_a`.
+        splices = (
+            Splice(start=1, features=image_features[None].expand(2, -1, -1), adapter="vision"),
+            Splice(start=n_img + 2, features=audio_features[None].expand(2, -1, -1)),
+        )
+        return Prompt(task, torch.stack(rows), splices, audio_row=0, text_row=1)
     if task.audio_in:
         if audio_features is None:
             raise ValueError(f"task {task.value} needs audio input")

@@ -58,13 +58,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from model.errors import InputError
     from model.omni import OmniModel
     from model.prompts import Task
+    from model.vision import open_image_file
 
     task = Task(args.task)
+    if args.input_image is not None and task is Task.A1A2:
+        task = Task.IMAGE_A1A2  # an image turns the default voice task into Mini-Omni2's image task
+    if task.image_in and args.input_image is None:
+        raise InputError(f"task {task.value} needs --input-image")
+    if args.input_image is not None and not task.image_in:
+        raise InputError(f"--input-image goes with task a1a2 / image-a1a2, not {task.value}")
     if task.audio_in and not args.input_wav:
         raise InputError(f"task {task.value} needs --input-wav")
     if not task.audio_in and not args.input_text:
         raise InputError(f"task {task.value} needs --input-text")
     audio = load_audio_file(args.input_wav) if task.audio_in else None
+    image = open_image_file(args.input_image) if task.image_in else None
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     t0 = time.perf_counter()
@@ -72,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
 
     t_start = time.perf_counter()
-    prompt = model.prompt(task, audio=audio, text=args.input_text)
+    prompt = model.prompt(task, audio=audio, text=args.input_text, image=image)
     t_encoded = time.perf_counter()
     gen = model.start(prompt, sampling, args.max_new_tokens)
     prefill_done = first_frame = None
@@ -156,8 +164,11 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from model.make_checkpoint import make_checkpoint
 
     t0 = time.perf_counter()
-    out = make_checkpoint(args.out_dir, args.size, args.seed)
-    print(f"wrote random {args.size} checkpoint (seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f} s")
+    out = make_checkpoint(args.out_dir, args.size, args.seed, args.family)
+    print(
+        f"wrote random {args.size} {args.family} checkpoint (seed {args.seed}) to {out} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
@@ -267,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--input-wav", type=Path, help="input speech (any common rate/channels, at most 30 s)")
     src.add_argument("--input-text", help="input text (t1a2, t1t2)")
-    g.add_argument("--task", default="a1a2", choices=["a1a2", "a1a2-single", "a1t2", "t1a2", "t1t2", "a1t1"])
+    g.add_argument("--input-image", type=Path, help="an image (PNG/JPEG/WebP) with --input-wav: Mini-Omni2 only")
+    g.add_argument(
+        "--task", default="a1a2", choices=["a1a2", "a1a2-single", "a1t2", "t1a2", "t1t2", "a1t1", "image-a1a2"]
+    )
     g.add_argument("--max-new-tokens", type=int, default=None, help="decode-step budget (default: the model window)")
     g.add_argument("--temperature", type=float, default=0.9)
     g.add_argument("--top-k", type=int, default=1, help="1 = greedy, as upstream (default)")
@@ -289,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=list(PRECISIONS),
         help="auto (default): bfloat16 on GPUs and CPUs with native bf16, else float32; "
-        "int8: CPU-only int8 weights+activations (fastest, approximate)",
+        "int8: CPU-only int8 weights, bf16 activations (fastest, approximate)",
     )
     sv.add_argument("--api-key", default=None, help="require this key (or OMNIVOX_API_KEY); never logged")
     sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
@@ -301,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir", type=Path)
     m.add_argument("--size", choices=["tiny", "full"], default="tiny")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--family", choices=["mini-omni", "mini-omni2"], default="mini-omni", help="mini-omni2 adds CLIP + images"
+    )
     m.set_defaults(func=cmd_make_checkpoint)
 
     b = sub.add_parser("bench", help="benchmarks that print a table and save JSON")

@@ -99,6 +99,7 @@ class ContentIn(_Model):
     text: str | None = Field(None, max_length=20000)
     audio: str | None = None
     image_url: str | None = None
+    detail: str | None = None  # accepted as OpenAI sends it; the release has one resolution (224 px)
 
 
 class ItemIn(_Model):
@@ -200,6 +201,32 @@ def decode_audio(b64: str, event_id: str | None = None) -> bytes:
             "invalid_audio", f"PCM16 audio needs an even number of bytes, got {len(pcm)}", "audio", event_id
         )
     return pcm
+
+
+IMAGE_MIME_TYPES = ("image/png", "image/jpeg", "image/webp")
+
+
+def decode_image_url(url: str | None, param: str, event_id: str | None = None) -> bytes:
+    """`data:image/png;base64,...` (as the OpenAI Realtime API sends images) -> the file's bytes.
+    Remote http(s) URLs are refused: the server fetches nothing on a client's behalf."""
+
+    def bad(message: str) -> ProtocolError:
+        return ProtocolError("invalid_image", message, param, event_id)
+
+    if not url:
+        raise bad("input_image needs an image_url (data:image/png;base64,...)")
+    if not url.startswith("data:"):
+        raise bad("image_url must be a data: URL (data:image/png;base64,...); remote URLs are not fetched")
+    header, sep, payload = url[5:].partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise bad("image_url must carry base64 data (data:<type>;base64,...)")
+    mime = header[: -len(";base64")].lower()
+    if mime not in IMAGE_MIME_TYPES:
+        raise bad(f"unsupported image type {mime[:40]!r}: send {', '.join(IMAGE_MIME_TYPES)}")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("image_url is not valid base64") from None
 
 
 def error_event(err: ProtocolError, event_id: str) -> dict[str, Any]:

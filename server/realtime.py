@@ -22,6 +22,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from model.vision import ImageError, decode_image
 from streaming.config import InterruptMode, SessionConfig, TurnDetection
 from streaming.events import (
     AudioChunk,
@@ -52,6 +53,7 @@ from .protocol import (
     ResponseCreate,
     SessionUpdate,
     decode_audio,
+    decode_image_url,
     error_event,
     parse_client_event,
 )
@@ -279,7 +281,7 @@ class Connection:
                 "status": status, "content": [part] if status != "in_progress" else []}  # fmt: skip
 
     def _response_created(self, event: ResponseCreated) -> None:
-        audio = event.task in ("a1a2", "a1a2-single", "t1a2")
+        audio = event.audio_out
         st = _ResponseState(event.response_id, event.item_id, audio)
         self._responses[event.response_id] = st
         modalities = ["audio"] if audio else ["text"]
@@ -432,24 +434,49 @@ class Connection:
         if item.role == "system":
             self.instructions = " ".join(c.text or "" for c in item.content).strip()
             return
-        part = item.content[0]
-        if part.type == "input_text":
-            if not part.text or not part.text.strip():
-                raise ProtocolError(
-                    "invalid_event", "input_text needs a non-empty text", "item.content.0.text", ev.event_id
-                )
-            item_id = self.session.add_text(part.text)
-            self._user_item(item_id, [{"type": "input_text", "text": part.text}])
-        elif part.type == "input_audio":
-            if not part.audio:
-                raise ProtocolError("invalid_event", "input_audio needs audio", "item.content.0.audio", ev.event_id)
-            pcm = decode_audio(part.audio, ev.event_id)
-            added = await asyncio.to_thread(self.session.add_audio, pcm)
-            if added is not None:
-                self._user_item(added, [{"type": "input_audio", "transcript": None}])
-        else:
-            raise ProtocolError("image_not_supported", "this checkpoint takes no images (Mini-Omni)", "item.content.0",
-                                ev.event_id)  # fmt: skip
+        # A user message: images (for the next audio turn), then at most one text or audio part.
+        echoed: list[dict[str, Any]] = []
+        item_id: str | None = None
+        for i, part in enumerate(item.content):
+            if part.type != "input_image":
+                continue
+            if not self.session.runner.model.takes_images:
+                raise ProtocolError("image_not_supported", "this checkpoint takes no images (Mini-Omni); images "
+                                    "need a Mini-Omni2 checkpoint", f"item.content.{i}", ev.event_id)  # fmt: skip
+            param = f"item.content.{i}.image_url"
+            data = decode_image_url(part.image_url, param, ev.event_id)
+            cfg = self.session.config
+            try:  # decoded off the event loop
+                image = await asyncio.to_thread(decode_image, data, cfg.max_image_bytes, cfg.max_image_pixels)
+            except ImageError as e:
+                raise ProtocolError("invalid_image", str(e), param, ev.event_id) from None
+            item_id = self.session.add_image(image)
+            if item_id is None:
+                return
+            echoed.append({"type": "input_image", "detail": part.detail or "auto"})  # the data is not echoed
+        others = [(i, p) for i, p in enumerate(item.content) if p.type != "input_image"]
+        if len(others) > 1:
+            raise ProtocolError("invalid_event", "a message carries at most one text or audio part",
+                                f"item.content.{others[1][0]}", ev.event_id)  # fmt: skip
+        for i, part in others:
+            if part.type == "input_text":
+                if not part.text or not part.text.strip():
+                    raise ProtocolError(
+                        "invalid_event", "input_text needs a non-empty text", f"item.content.{i}.text", ev.event_id
+                    )
+                item_id = self.session.add_text(part.text)
+                echoed.append({"type": "input_text", "text": part.text})
+            else:
+                if not part.audio:
+                    raise ProtocolError("invalid_event", "input_audio needs audio", f"item.content.{i}.audio",
+                                        ev.event_id)  # fmt: skip
+                pcm = decode_audio(part.audio, ev.event_id)
+                item_id = await asyncio.to_thread(self.session.add_audio, pcm)
+                if item_id is None:
+                    return
+                echoed.append({"type": "input_audio", "transcript": None})
+        if item_id is not None:
+            self._user_item(item_id, echoed)
 
     def _truncate(self, ev: ItemTruncate) -> None:
         st = self._assistant_items.get(ev.item_id)

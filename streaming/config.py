@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any
 
 from model.decoding import SamplingConfig
+from model.vision import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 INPUT_SAMPLE_RATES = (16000, 24000)
 
@@ -55,6 +56,8 @@ class SessionConfig:
     transcribe_input: bool = False  # user-turn transcripts through the command detector's ASR
     max_new_tokens: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size of a user image
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # decoded width x height
 
     def __post_init__(self) -> None:
         if self.input_sample_rate not in INPUT_SAMPLE_RATES:

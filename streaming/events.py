@@ -46,6 +46,7 @@ class ResponseCreated(Event):
     response_id: str
     item_id: str
     task: str
+    audio_out: bool = True  # whether audio chunks will follow
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class ResponseRequest:
     task: Task
     audio: np.ndarray | None = None  # 16 kHz mono, audio-in tasks
     text: str | None = None  # text-in tasks
+    image: object | None = None  # a decoded PIL image, image task (Mini-Omni2)
+    audio_output: bool = True  # False: an audio-out task whose audio nobody wants (no SNAC work)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int | None = None
     chunk_frames: int = 1
@@ -229,14 +231,14 @@ class ModelRunner:
             req = job.handle.request
             try:
                 t0 = time.perf_counter()
-                prompt = self.model.prompt(req.task, audio=req.audio, text=req.text)
+                prompt = self.model.prompt(req.task, audio=req.audio, text=req.text, image=req.image)
                 job.encode_ms = (time.perf_counter() - t0) * 1000
                 job.gen = self.model.start(prompt, req.sampling, req.max_new_tokens, req.stop_rules)
             except Exception as e:
                 log.warning("response %s refused: %s", job.handle.response_id, e)
                 self._finish(job, "failed", reason=str(e))
                 continue
-            if req.task.audio_out and self.model.codec is not None:
+            if req.task.audio_out and req.audio_output and self.model.codec is not None:
                 job.decoder = StreamingSnacDecoder(
                     self.model.codec,
                     self.model.layout.num_codes,

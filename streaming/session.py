@@ -21,6 +21,7 @@ import numpy as np
 
 from model.audio import MAX_INPUT_SECONDS
 from model.prompts import Task
+from model.vision import ImageError, decode_image
 
 from .audio_in import MODEL_RATE, AudioHistory, InputResampler, InvalidAudio, decode_pcm16
 from .config import InterruptMode, SessionConfig
@@ -90,6 +91,7 @@ class Session:
         self._ttfa_ms: float | None = None
         self._barge: _Barge | None = None
         self._last_item: tuple[str, np.ndarray | None, str | None] | None = None  # what a response answers
+        self._pending_image: object | None = None  # decoded PIL image for the next audio turn
         self._last_response_id = ""
         self._response_text = ""  # transcript forwarded so far for the current response
         self.closed = False
@@ -313,6 +315,31 @@ class Session:
 
     # ---------------- text turns and responses ----------------
 
+    def add_image(self, image: bytes | object) -> str | None:
+        """A user image (PNG/JPEG/WebP bytes, or a PIL image from model.vision.decode_image):
+        the next audio turn is answered about it (Mini-Omni2's image task; one image per turn,
+        a newer image replaces a pending one)."""
+        if not self.runner.model.takes_images:
+            self._emit(
+                SessionError(
+                    "image_not_supported", "this checkpoint takes no images (Mini-Omni); images need Mini-Omni2"
+                )
+            )
+            return None
+        if isinstance(image, bytes):
+            try:
+                image = decode_image(image, self.config.max_image_bytes, self.config.max_image_pixels)
+            except ImageError as e:
+                self._emit(SessionError("invalid_image", str(e)))
+                return None
+        with self._lock:
+            self._pending_image = image
+            return self._new_id("item")
+
+    @property
+    def image_pending(self) -> bool:
+        return self._pending_image is not None
+
     def add_text(self, text: str, create_response: bool = False) -> str:
         with self._lock:
             item = self._new_id("item")
@@ -344,7 +371,12 @@ class Session:
             return None
         modalities = output_modalities or self.config.output_modalities
         audio_out = "audio" in modalities
-        if audio is not None:
+        image = None
+        if audio is not None and self._pending_image is not None:
+            # The release's image task always speaks; with text-only output its audio is not made.
+            image, self._pending_image = self._pending_image, None
+            task = Task.IMAGE_A1A2
+        elif audio is not None:
             task = Task.A1A2 if audio_out else Task.A1T2
         else:
             task = Task.T1A2 if audio_out else Task.T1T2
@@ -353,6 +385,8 @@ class Session:
             task=task,
             audio=audio,
             text=text,
+            image=image,
+            audio_output=audio_out,
             sampling=cfg.sampling,
             max_new_tokens=cfg.max_new_tokens,
             chunk_frames=cfg.chunk_frames,
@@ -373,7 +407,7 @@ class Session:
         self._ttfa_ms = None
         self._response_audio_ms = 0.0
         self._response_text = ""
-        self._emit(ResponseCreated(response_id, handle.item_id, task.value))
+        self._emit(ResponseCreated(response_id, handle.item_id, task.value, audio_out=task.audio_out and audio_out))
         return response_id
 
     def cancel_response(self, reason: str = "client_cancelled") -> bool:

@@ -19,6 +19,21 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Mini-Omni2 checkpoint (vision adapter + random CLIP ViT-B-32.pt)."""
+    from model.make_checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt2") / "tiny2", "tiny", seed=0, family="mini-omni2")
+
+
+@pytest.fixture(scope="session")
+def tiny2_model(tiny2_ckpt: Path):
+    from model.omni import OmniModel
+
+    return OmniModel.load(tiny2_ckpt)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt: Path):
     from model.omni import OmniModel
 

@@ -25,10 +25,10 @@ def cache_root() -> Path:
     return Path(base) / "omnivox"
 
 
-def demo_checkpoint(size: str = "tiny") -> Path:
+def demo_checkpoint(size: str = "tiny", family: str = "mini-omni") -> Path:
     from model.make_checkpoint import cached_checkpoint
 
-    return cached_checkpoint(cache_root() / "checkpoints", size, seed=0)
+    return cached_checkpoint(cache_root() / "checkpoints", size, seed=0, family=family)
 
 
 def resolve_checkpoint_arg(args: argparse.Namespace) -> str:
@@ -154,7 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     has_ckpt = settings.checkpoint_dir is not None or settings.checkpoint is not None
     try:
-        return serve(settings, None if has_ckpt else str(demo_checkpoint()))
+        # The demo is a tiny random Mini-Omni2: voice and images, so every client feature shows.
+        return serve(settings, None if has_ckpt else str(demo_checkpoint(family="mini-omni2")))
     except ConfigError as e:
         print(f"omnivox: error: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,7 @@ class _ResponseState:
     response_id: str
     item_id: str
     audio: bool
+    task: str = ""
     transcript: str = ""
     audio_ms: float = 0.0
 
@@ -222,6 +223,8 @@ class Connection:
                 "binary_audio": self.binary_audio,
                 "max_audio_lead_ms": cfg.max_audio_lead_ms,
                 "demo_checkpoint": self.demo,
+                "model_family": self.session.runner.model.family,
+                "images": self.session.runner.model.takes_images,  # input_image accepted (Mini-Omni2)
             },
         }
 
@@ -282,7 +285,7 @@ class Connection:
 
     def _response_created(self, event: ResponseCreated) -> None:
         audio = event.audio_out
-        st = _ResponseState(event.response_id, event.item_id, audio)
+        st = _ResponseState(event.response_id, event.item_id, audio, event.task)
         self._responses[event.response_id] = st
         modalities = ["audio"] if audio else ["text"]
         self._send({"type": "response.created", "response": {
@@ -340,7 +343,7 @@ class Connection:
             "output": [item], "output_modalities": ["audio"] if st.audio else ["text"],
             "usage": {"total_tokens": usage.get("total_tokens", 0), "input_tokens": usage.get("input_tokens", 0),
                       "output_tokens": usage.get("output_tokens", 0)},
-            "omnivox": {**event.timings, "audio_ms": round(st.audio_ms, 1)}}})  # fmt: skip
+            "omnivox": {**event.timings, "audio_ms": round(st.audio_ms, 1), "task": st.task}}})  # fmt: skip
         self._on_event("response_done", event)
 
     # ---------------- input ----------------

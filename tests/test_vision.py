@@ -98,7 +98,7 @@ def test_image_prompt_ids_literal(tiny2_model: OmniModel) -> None:
     p = build_prompt(Task.IMAGE_A1A2, lay, audio_features=torch.zeros(L, 64), image_features=torch.zeros(50, 32))
     assert p.ids.shape == (2, 8, L + 55) and p.audio_row == 0 and p.text_row == 1
     audio0 = [4101, *[4097] * 50, 4102, 4098, 4097, 4097, 4097, 4096, 4099]
-    audio1 = audio0[:-1] + [4097]
+    audio1 = [*audio0[:-1], 4097]
     for layer in range(7):
         shift = 152000 + layer * 4160
         assert p.ids[0, layer].tolist() == [a + shift for a in audio0]

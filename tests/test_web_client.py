@@ -118,3 +118,46 @@ def test_talk_hear_and_interrupt_in_chromium(server: Running, browser: Any) -> N
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "web_client.png"))
     assert "assistant" in browser.page_source
+
+
+@pytest.fixture(scope="module")
+def server2(tiny2_ckpt: Path) -> Iterator[Running]:
+    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny2_ckpt, log_level="warning"))
+    yield r
+    stop_server(r)
+
+
+def test_camera_snapshot_and_picture_go_with_the_next_turn(server2: Running, browser: Any, tmp_path: Path) -> None:
+    """Mini-Omni2 server: the picture buttons show, a camera snapshot (Chromium's fake camera)
+    and a picture file are sent as input_image and shown; the next spoken turn is an image turn."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://127.0.0.1:{server2.port}/")
+    assert not browser.find_element(By.ID, "images").is_displayed()  # hidden until the server says images
+    browser.find_element(By.ID, "start").click()
+    _wait(browser, "return window.omnivoxStats.sessionCreated && window.omnivoxStats.imagesAccepted")
+    assert browser.find_element(By.ID, "camera").is_displayed()
+    browser.find_element(By.ID, "camera").click()
+    _wait(browser, "return window.omnivoxStats.imagesSent === 1")
+    src = _wait(browser, "return document.querySelector('#transcript li.image img')?.src")
+    assert src.startswith("data:image/jpeg;base64,")
+    _wait(browser, "return window.omnivoxStats.tasks.includes('image-a1a2')", timeout=60)
+    picture = browser.find_element(By.ID, "picture")
+    browser.execute_script("arguments[0].style.display = 'block'", picture)
+    picture.send_keys(str(Path(__file__).parent / "fixtures" / "picture.png"))
+    _wait(browser, "return window.omnivoxStats.imagesSent === 2")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#transcript li.image img")) == 2
+    stats = browser.execute_script("return window.omnivoxStats")
+    assert "invalid_image" not in stats["errors"] and "image_not_supported" not in stats["errors"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "web_client_images.png"))
+
+
+def test_picture_buttons_stay_hidden_on_mini_omni(server: Running, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.find_element(By.ID, "start").click()
+    _wait(browser, "return window.omnivoxStats.sessionCreated")
+    assert browser.execute_script("return window.omnivoxStats.imagesAccepted") is False
+    assert not browser.find_element(By.ID, "images").is_displayed()

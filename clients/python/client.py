@@ -3,6 +3,7 @@
     omnivox-client question.wav --out answer.wav
     omnivox-client question.wav --barge-in stop.wav --barge-at 0.8
     omnivox-client --mic
+    omnivox-client question.wav --image photo.jpg   # Mini-Omni2: ask about a picture
 
 It streams the input at real-time pace (as a microphone would), prints the answer's
 transcript as it streams with latency figures, and saves the answer audio. This file is
@@ -94,6 +95,14 @@ async def run(args: argparse.Namespace) -> int:
         await ws.send(json.dumps({"type": "session.update", "session": {
             "type": "realtime", "output_modalities": ["text"] if args.text_only else ["audio"],
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}}}}))  # fmt: skip
+        if args.image:
+            if not created.get("session", {}).get("omnivox", {}).get("images", False):
+                print("note: this server's model takes no images (Mini-Omni); sending it anyway")
+            # OpenAI Realtime's way: a user message with an input_image data URL, before the turn.
+            content = [{"type": "input_image", "image_url": image_data_url(args.image)}]
+            await ws.send(json.dumps({"type": "conversation.item.create",
+                                      "item": {"type": "message", "role": "user", "content": content}}))  # fmt: skip
+            print(f"sent the image {args.image}: the next turn is answered about it")
         stop = asyncio.Event()
         audio = None
         sender: asyncio.Task[Any]
@@ -150,6 +159,16 @@ async def run(args: argparse.Namespace) -> int:
     return 0 if stats.get("status") in ("completed", "cancelled") else 1
 
 
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+def image_data_url(path: Path) -> str:
+    mime = IMAGE_TYPES.get(path.suffix.lower())
+    if mime is None:
+        raise ValueError(f"{path}: send a PNG, JPEG or WebP image")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
 async def _barge_in(ws: Any, audio: np.ndarray, after_s: float) -> None:
     await asyncio.sleep(after_s)
     print(f"\n[barge-in: sending {audio.size / RATE:.1f} s]")
@@ -168,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--barge-in", type=Path, help="a WAV to say while the answer plays (e.g. 'stop omni')")
     ap.add_argument("--barge-at", type=float, default=1.0, help="seconds after the first answer audio")
     ap.add_argument("--text-only", action="store_true", help="ask for a text answer")
+    ap.add_argument("--image", type=Path, help="a PNG/JPEG/WebP to ask about (Mini-Omni2 servers)")
     args = ap.parse_args(argv)
     if not args.mic and (args.wav is None or not args.wav.is_file()):
         ap.error("give a WAV file to send (or --mic)")
+    if args.image is not None and (not args.image.is_file() or args.image.suffix.lower() not in IMAGE_TYPES):
+        ap.error(f"--image needs an existing PNG, JPEG or WebP file, got {args.image}")
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -9,7 +9,9 @@ const $ = (id) => document.getElementById(id);
 const stats = (window.omnivoxStats = {
   state: "idle", sessionCreated: false, demo: null, speechStarted: 0, responses: 0, audioDeltas: 0,
   scheduledSamples: 0, playedSamples: 0, interrupts: 0, cancelled: 0, lastTtfaMs: null, errors: [],
+  imagesAccepted: null, imagesSent: 0, tasks: [],
 });
+const MAX_IMAGE_SIDE = 1024; // pictures are re-encoded as JPEG at most this large (CLIP sees 224 px)
 
 let ws = null;
 let ctx = null;
@@ -141,6 +143,62 @@ function stopPlayback(reason) {
   if (reason) console.info("playback stopped:", reason);
 }
 
+// ---------- images (Mini-Omni2) ----------
+
+let cameraStream = null;
+
+function setImagesEnabled(on) {
+  $("images").hidden = !on;
+  $("camera").disabled = !on;
+  $("picture").disabled = !on;
+}
+
+// Any drawable (video frame, decoded picture) -> a JPEG data URL no larger than MAX_IMAGE_SIDE.
+function toJpegDataUrl(source, width, height) {
+  const scale = Math.min(1, MAX_IMAGE_SIDE / Math.max(width, height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(width * scale));
+  canvas.height = Math.max(1, Math.round(height * scale));
+  canvas.getContext("2d").drawImage(source, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL("image/jpeg", 0.9);
+}
+
+// OpenAI Realtime's way to send an image: a user message with an input_image data URL.
+function sendImage(dataUrl, label) {
+  send({ type: "conversation.item.create", item: { type: "message", role: "user",
+    content: [{ type: "input_image", image_url: dataUrl }] } });
+  stats.imagesSent += 1;
+  const li = addLine("user image", `${label}: your next turn is answered about it`);
+  const img = document.createElement("img");
+  img.src = dataUrl;
+  img.alt = label;
+  li.appendChild(img);
+}
+
+async function cameraSnapshot() {
+  const video = $("camera-view");
+  if (!cameraStream) {
+    cameraStream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
+    video.srcObject = cameraStream;
+    video.hidden = false;
+    await video.play();
+  }
+  if (!video.videoWidth) await new Promise((ok) => video.addEventListener("loadeddata", ok, { once: true }));
+  sendImage(toJpegDataUrl(video, video.videoWidth, video.videoHeight), "camera snapshot");
+}
+
+function stopCamera() {
+  if (cameraStream) cameraStream.getTracks().forEach((t) => t.stop());
+  cameraStream = null;
+  $("camera-view").hidden = true;
+}
+
+async function sendPictureFile(file) {
+  const bitmap = await createImageBitmap(file); // the browser decodes it; broken files throw here
+  sendImage(toJpegDataUrl(bitmap, bitmap.width, bitmap.height), file.name);
+  bitmap.close();
+}
+
 // ---------- protocol ----------
 
 function send(event) {
@@ -153,6 +211,8 @@ function onEvent(ev) {
       stats.sessionCreated = true;
       stats.demo = !!(ev.session.omnivox && ev.session.omnivox.demo_checkpoint);
       $("demo").hidden = !stats.demo;
+      stats.imagesAccepted = !!(ev.session.omnivox && ev.session.omnivox.images);
+      setImagesEnabled(stats.imagesAccepted);
       send({ type: "session.update", session: {
         type: "realtime", output_modalities: ["audio"],
         audio: { input: { format: { type: "audio/pcm", rate: SESSION_RATE }, transcription: { model: "default" } } },
@@ -219,6 +279,7 @@ function onEvent(ev) {
     case "response.done": {
       const r = ev.response;
       $("cancel").disabled = true;
+      if (r.omnivox && r.omnivox.task) stats.tasks.push(r.omnivox.task);
       if (r.status === "cancelled") {
         stats.cancelled += 1;
         stopPlayback("cancelled");
@@ -233,6 +294,9 @@ function onEvent(ev) {
     case "error":
       stats.errors.push(ev.error.code);
       console.warn("server error", ev.error);
+      if (ev.error.code === "invalid_image" || ev.error.code === "image_not_supported") {
+        addLine("error", `picture refused: ${ev.error.message}`);
+      }
       break;
   }
 }
@@ -272,6 +336,8 @@ $("start").onclick = async () => {
 
 $("stop").onclick = () => {
   wantConnected = false;
+  stopCamera();
+  setImagesEnabled(false);
   if (ws) ws.close(1000, "bye");
   stopAudio();
   $("start").disabled = false;
@@ -286,3 +352,11 @@ $("cancel").onclick = () => {
 
 $("interrupt").onchange = () => send({ type: "session.update", session: { type: "realtime",
   omnivox: { interrupt_mode: $("interrupt").value } } });
+
+$("camera").onclick = () => cameraSnapshot().catch((err) => addLine("error", `camera unavailable: ${err.message}`));
+
+$("picture").onchange = (e) => {
+  const file = e.target.files[0];
+  e.target.value = "";
+  if (file) sendPictureFile(file).catch(() => addLine("error", `${file.name} is not a picture this browser can read`));
+};

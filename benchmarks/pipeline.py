@@ -92,6 +92,7 @@ def bench_pipeline(
             print(rows[-1])
     finally:
         runner.close()
-    return {"benchmark": "pipeline", "checkpoint": str(checkpoint), "dtype": dtype, "steps": steps,
+    return {"benchmark": "pipeline", "checkpoint": str(checkpoint), "dtype": dtype, "precision": model.precision,
+            "steps": steps,
             "max_chunk_frames": max_chunk_frames, "loaded_rss_mb": round(loaded_rss, 1), "levels": rows,
             "machine": machine_info()}  # fmt: skip

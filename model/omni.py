@@ -81,6 +81,11 @@ class OmniModel:
         return "mini-omni2" if self.config.vision_adapter_dim is not None else "mini-omni"
 
     @property
+    def precision(self) -> str:
+        """float32 | bfloat16 | int8: what the LLM's weights are."""
+        return "int8" if self.llm.is_int8 else str(self.llm.dtype).removeprefix("torch.")
+
+    @property
     def takes_images(self) -> bool:
         return self.config.vision_adapter_dim is not None
 

@@ -45,7 +45,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-dir", type=Path, help="local Mini-Omni checkpoint directory")
     g.add_argument("--checkpoint", help="hub id such as gpt-omni/mini-omni (needs network or a cached copy)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=list(PRECISIONS[1:]))
+    p.add_argument("--dtype", default="float32", choices=list(PRECISIONS))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -206,6 +206,18 @@ def _wav_arg(value: Path | None, fixture: str, flag: str) -> Path:
     return path
 
 
+def cmd_bench_image(args: argparse.Namespace) -> int:
+    from benchmarks.image import bench_image, print_image
+
+    ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size, family="mini-omni2")
+    question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
+    image = _wav_arg(args.image, "picture.png", "--image")
+    result = bench_image(ckpt, question, image, dtype=args.dtype, runs=args.runs)
+    print_image(result)
+    _save_json(args.json, result)
+    return 0
+
+
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from benchmarks.latency import bench_latency, print_latency
 
@@ -341,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--command-wav", type=Path, help="the barge-in command (default: 'stop omni' fixture)")
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
+    bi = bsub.add_parser("image", help="Mini-Omni2 image turns: CLIP encode, prefill, first audio")
+    _add_checkpoint_args(bi)
+    bi.set_defaults(dtype="auto")
+    bi.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random Mini-Omni2 checkpoint by default")
+    bi.add_argument("--runs", type=int, default=3)
+    bi.add_argument("--question-wav", type=Path, help="the user's question (default: the test fixture)")
+    bi.add_argument("--image", type=Path, help="the picture (default: tests/fixtures/picture.png)")
+    bi.add_argument("--json", type=Path, help="save the result here")
+    bi.set_defaults(func=cmd_bench_image)
     bs = bsub.add_parser("serve", help="N concurrent scripted clients: ttfa p50/p95, stalls, RSS")
     _add_checkpoint_args(bs)
     bs.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random checkpoint when none is given")

@@ -249,6 +249,9 @@ def test_int8_linear_splits_off_outlier_columns(monkeypatch: pytest.MonkeyPatch)
     assert plain.outlier_cols.numel() == 0
     assert float((plain(x) - ref).norm() / ref.norm()) > 2.5 * err
     assert layer(x[0]).shape == (96,)  # the head is also called on single rows
+    many = torch.randn(Int8Linear.DEQUANTIZE_ROWS + 2, 64, generator=g)  # a prefill's rows: the GEMM path
+    gemm, gemv = layer(many), torch.cat([layer(many[i : i + 1]) for i in range(many.shape[0])])
+    assert float((gemm - gemv).norm() / gemv.norm()) < 0.005  # the same int8 weights, bf16 rounding apart
 
 
 def test_int8_mode_runs_every_audio_task_close_to_fp32(tiny_ckpt, tiny_model: OmniModel, question_audio) -> None:

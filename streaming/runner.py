@@ -24,7 +24,7 @@ import torch
 from model.codec import SAMPLES_PER_FRAME, SNAC_SAMPLE_RATE, to_pcm16
 from model.decoding import Generation, SamplingConfig, StepOutput
 from model.omni import OmniModel
-from model.prompts import Task
+from model.prompts import Prompt, Task
 
 from .audio_out import StreamingSnacDecoder, decode_windows
 from .events import AudioChunk, Event, ResponseDone, TranscriptDelta
@@ -96,6 +96,7 @@ class _Job:
     pending_frames: int = 0  # frames handed to the decode thread, not yet decoded
     audio_seq: int = 0
     t_submit: float = 0.0
+    prompt: Prompt | None = None  # set by the encoder thread
     encode_ms: float = 0.0
     prefill_ms: float | None = None
     t_prefill_done: float = 0.0
@@ -110,6 +111,10 @@ class ModelRunner:
         self.model = model
         self.max_active = max_active
         self._requests: queue.Queue[_Job] = queue.Queue(maxsize=max_pending)
+        # Encoded prompts waiting for their prefill: Whisper/CLIP run on their own thread, so a
+        # new turn's ~1 s encode slows the answers being decoded instead of stopping them.
+        self._encoded: queue.Queue[_Job] = queue.Queue(maxsize=max_pending)
+        self._encoding = 0  # jobs the encoder thread holds (0 or 1)
         self._active: list[_Job] = []
         self._decode_jobs: queue.Queue[tuple[_Job, str, tuple[int, ...] | None]] = queue.Queue(maxsize=256)
         self._wake = threading.Event()
@@ -117,23 +122,26 @@ class ModelRunner:
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._run, name="omnivox-runner", daemon=True)
         self._decoder_thread = threading.Thread(target=self._run_decoder, name="omnivox-snac", daemon=True)
+        self._encoder_thread = threading.Thread(target=self._run_encoder, name="omnivox-encode", daemon=True)
         self.steps_total = 0
 
     def start(self) -> ModelRunner:
         self._thread.start()
         self._decoder_thread.start()
+        self._encoder_thread.start()
         return self
 
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self._encoder_thread.join(timeout=10)
         self._decode_jobs.put((_Job(ResponseHandle("", "", ResponseRequest(Task.T1T2))), "quit", None))
         self._decoder_thread.join(timeout=10)
 
     @property
     def active_count(self) -> int:
-        return len(self._active) + self._requests.qsize()
+        return len(self._active) + self._requests.qsize() + self._encoded.qsize() + self._encoding
 
     def submit(self, handle: ResponseHandle) -> None:
         """Queue a response; raises queue.Full when the runner is saturated."""
@@ -222,18 +230,16 @@ class ModelRunner:
     def _admit(self) -> None:
         while len(self._active) < self.max_active:
             try:
-                job = self._requests.get_nowait()
+                job = self._encoded.get_nowait()
             except queue.Empty:
                 return
             if job.handle.cancelled.is_set():
                 self._finish(job, "cancelled", reason=job.handle.cancel_reason)
                 continue
             req = job.handle.request
+            assert job.prompt is not None
             try:
-                t0 = time.perf_counter()
-                prompt = self.model.prompt(req.task, audio=req.audio, text=req.text, image=req.image)
-                job.encode_ms = (time.perf_counter() - t0) * 1000
-                job.gen = self.model.start(prompt, req.sampling, req.max_new_tokens, req.stop_rules)
+                job.gen = self.model.start(job.prompt, req.sampling, req.max_new_tokens, req.stop_rules)
             except Exception as e:
                 log.warning("response %s refused: %s", job.handle.response_id, e)
                 self._finish(job, "failed", reason=str(e))
@@ -316,6 +322,39 @@ class ModelRunner:
         job.gen = None  # the KV cache goes with it, now: an idle runner must not pin a finished answer
         # Through the SNAC thread, so the end comes after the last audio of this response.
         self._decode_jobs.put((job, "finish", None))
+
+    # ---------------- encoder thread ----------------
+
+    def _run_encoder(self) -> None:
+        """Whisper (and CLIP) encode each request's inputs into its prompt, in submit order."""
+        while not self._stop.is_set():
+            try:
+                job = self._requests.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._encoding = 1
+            try:
+                if job.handle.cancelled.is_set():
+                    self._finish(job, "cancelled", reason=job.handle.cancel_reason)
+                    continue
+                req = job.handle.request
+                try:
+                    t0 = time.perf_counter()
+                    job.prompt = self.model.prompt(req.task, audio=req.audio, text=req.text, image=req.image)
+                    job.encode_ms = (time.perf_counter() - t0) * 1000
+                except Exception as e:
+                    log.warning("response %s refused: %s", job.handle.response_id, e)
+                    self._finish(job, "failed", reason=str(e))
+                    continue
+                while not self._stop.is_set():  # bounded hand-over; the runner drains it every round
+                    try:
+                        self._encoded.put(job, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                self._wake.set()
+            finally:
+                self._encoding = 0
 
     # ---------------- SNAC thread ----------------
 

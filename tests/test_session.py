@@ -225,6 +225,40 @@ def test_cancel_lands_within_one_step(runner: ModelRunner) -> None:
     assert isinstance(events[-1], ResponseDone) and events[-1].status == "cancelled"
 
 
+def test_decoding_goes_on_while_a_new_turn_encodes(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whisper/CLIP run on the encoder thread: a slow encode of one turn never stops the
+    steps of an answer already being decoded (on the runner thread it would stall them)."""
+    from model.prompts import Task
+
+    real_prompt = tiny_model.prompt
+
+    def slow_prompt(task, **kw):  # type: ignore[no-untyped-def]
+        if kw.get("text") == "slow":
+            time.sleep(0.6)
+        return real_prompt(task, **kw)
+
+    monkeypatch.setattr(tiny_model, "prompt", slow_prompt)
+    r = ModelRunner(tiny_model).start()
+    try:
+        a = ResponseHandle("a", "i", ResponseRequest(Task.T1T2, text="hello", max_new_tokens=2000, stop_rules=False))
+        r.submit(a)
+        deadline = time.monotonic() + 10
+        while r.steps_total < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        b = ResponseHandle("b", "i", ResponseRequest(Task.T1T2, text="slow", max_new_tokens=5))
+        r.submit(b)
+        time.sleep(0.05)
+        before = r.steps_total
+        time.sleep(0.4)  # b is still encoding
+        assert r.active_count == 2
+        assert r.steps_total - before > 20  # a kept stepping meanwhile (tiny: ~200 steps/s)
+        assert b.done.wait(10)
+        a.cancel()
+        assert a.done.wait(5)
+    finally:
+        r.close()
+
+
 def test_two_sessions_answer_at_once(runner: ModelRunner, vad) -> None:
     cfg = SessionConfig(max_audio_lead_ms=100000)
     a, b = Session(runner, vad, None, cfg), Session(runner, vad, None, cfg)

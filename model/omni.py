@@ -170,7 +170,8 @@ class OmniModel:
         return self.whisper.encode(audio)
 
     def encode_image(self, image: object) -> torch.Tensor:
-        """A decoded PIL image (model.vision.decode_image) -> (50, D) CLIP features."""
+        """A decoded PIL image (model.vision.decode_image) or its preprocessed pixels -> (50, D)
+        CLIP features."""
         if not self.takes_images:
             raise InputError("this checkpoint takes no images (Mini-Omni; images need a Mini-Omni2 checkpoint)")
         if self.clip is None:

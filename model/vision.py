@@ -211,7 +211,9 @@ class ClipImageEncoder(nn.Module):
         return self.proj(self.vision.post_layernorm(hidden)).float()
 
     def encode(self, img: object) -> torch.Tensor:
-        """A decoded PIL image -> (50, D) features."""
+        """A decoded PIL image, or its `preprocess`ed (3, 224, 224) pixels -> (50, D) features."""
+        if isinstance(img, torch.Tensor):
+            return self(img[None])[0]
         return self(preprocess(img, int(cast(int, self.vision.config.image_size)))[None])[0]
 
 

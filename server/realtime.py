@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from model.vision import ImageError, decode_image
+from model.vision import ImageError, decode_image, preprocess
 from streaming.config import InterruptMode, SessionConfig, TurnDetection
 from streaming.events import (
     AudioChunk,
@@ -71,6 +71,10 @@ class _ResponseState:
     task: str = ""
     transcript: str = ""
     audio_ms: float = 0.0
+
+
+def _image_pixels(data: bytes, max_bytes: int, max_pixels: int) -> Any:
+    return preprocess(decode_image(data, max_bytes, max_pixels))
 
 
 class Connection:
@@ -449,11 +453,11 @@ class Connection:
             param = f"item.content.{i}.image_url"
             data = decode_image_url(part.image_url, param, ev.event_id)
             cfg = self.session.config
-            try:  # decoded off the event loop
-                image = await asyncio.to_thread(decode_image, data, cfg.max_image_bytes, cfg.max_image_pixels)
+            try:  # decoded and resized off the event loop
+                pixels = await asyncio.to_thread(_image_pixels, data, cfg.max_image_bytes, cfg.max_image_pixels)
             except ImageError as e:
                 raise ProtocolError("invalid_image", str(e), param, ev.event_id) from None
-            item_id = self.session.add_image(image)
+            item_id = self.session.add_image(pixels)
             if item_id is None:
                 return
             echoed.append({"type": "input_image", "detail": part.detail or "auto"})  # the data is not echoed

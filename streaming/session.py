@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from model.audio import MAX_INPUT_SECONDS
 from model.prompts import Task
-from model.vision import ImageError, decode_image
+from model.vision import ImageError, decode_image, preprocess
 
 from .audio_in import MODEL_RATE, AudioHistory, InputResampler, InvalidAudio, decode_pcm16
 from .config import InterruptMode, SessionConfig
@@ -91,7 +92,7 @@ class Session:
         self._ttfa_ms: float | None = None
         self._barge: _Barge | None = None
         self._last_item: tuple[str, np.ndarray | None, str | None] | None = None  # what a response answers
-        self._pending_image: object | None = None  # decoded PIL image for the next audio turn
+        self._pending_image: torch.Tensor | None = None  # CLIP pixels for the next audio turn
         self._last_response_id = ""
         self._response_text = ""  # transcript forwarded so far for the current response
         self.closed = False
@@ -316,9 +317,10 @@ class Session:
     # ---------------- text turns and responses ----------------
 
     def add_image(self, image: bytes | object) -> str | None:
-        """A user image (PNG/JPEG/WebP bytes, or a PIL image from model.vision.decode_image):
-        the next audio turn is answered about it (Mini-Omni2's image task; one image per turn,
-        a newer image replaces a pending one)."""
+        """A user image (PNG/JPEG/WebP bytes, a PIL image from model.vision.decode_image, or
+        its model.vision.preprocess pixels): the next audio turn is answered about it
+        (Mini-Omni2's image task; one image per turn, a newer image replaces a pending one).
+        Only the 224 x 224 pixels are kept (~0.6 MB, whatever the image's size)."""
         if not self.runner.model.takes_images:
             self._emit(
                 SessionError(
@@ -332,6 +334,8 @@ class Session:
             except ImageError as e:
                 self._emit(SessionError("invalid_image", str(e)))
                 return None
+        if not isinstance(image, torch.Tensor):
+            image = preprocess(image)
         with self._lock:
             self._pending_image = image
             return self._new_id("item")

@@ -109,30 +109,40 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+class Int8Head(nn.Module):
+    """The output head in int8 mode: the text slice and the 7 audio slices as two Int8Linear
+    layers (a step reads only the slices it needs); calling it gives the whole padded vocab."""
+
+    def __init__(self, weight: torch.Tensor, text_rows: int) -> None:
+        super().__init__()
+        self.text = Int8Linear(weight[:text_rows], None)
+        self.audio = Int8Linear(weight[text_rows:], None)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.text(h), self.audio(h)], dim=-1)
+
+
 class OmniLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.layout = cfg.layout
         self.backbone = Qwen2Model(qwen2_config(cfg))  # backbone.embed_tokens is lit-gpt's wte
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head: nn.Linear | Int8Head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embed_tokens.weight
         self.whisper_adapter = SwiGLUAdapter(cfg.whisper_adapter_dim, cfg.intermediate_size, cfg.n_embd)
         self.vision_adapter: SwiGLUAdapter | None = None
         if cfg.vision_adapter_dim is not None:
             self.vision_adapter = SwiGLUAdapter(cfg.vision_adapter_dim, cfg.intermediate_size, cfg.n_embd)
-        # int8 mode (quantize_int8_): the head's text and audio slices as separate quantized layers.
-        self.int8_text_head: nn.Module | None = None
-        self.int8_audio_head: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.backbone.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.backbone.embed_tokens.weight.dtype
 
     def cast_parameters_(self, dtype: torch.dtype) -> OmniLM:
         """Weights to `dtype`; buffers (RoPE's inverse frequencies) stay in fp32."""
@@ -143,7 +153,7 @@ class OmniLM(nn.Module):
 
     @property
     def is_int8(self) -> bool:
-        return self.int8_text_head is not None
+        return isinstance(self.lm_head, Int8Head)
 
     def quantize_int8_(self) -> OmniLM:
         """Approximate mode: int8 weights (one scale per output channel) in every Linear of the
@@ -152,19 +162,16 @@ class OmniLM(nn.Module):
         memory-bound CPU that is ~2x the steps/s (README, Precision). Embeddings, norms and
         the adapters stay in bf16/fp32; call on the fp32 model (scales come from fp32 weights).
         """
-        if self.dtype != torch.float32:
+        if self.dtype != torch.float32 or isinstance(self.lm_head, Int8Head):
             raise ValueError("quantize_int8_ needs the fp32 model")
-        lay = self.layout
-        start, stop = lay.audio_logits_range
-        text_head = Int8Linear(self.lm_head.weight[: lay.padded_text_vocab_size], None)
-        audio_head = Int8Linear(self.lm_head.weight[start:stop], None)
+        # The int8 head replaces the fp32 one (unless tied, its weights are then freed).
+        self.lm_head = Int8Head(self.lm_head.weight, self.layout.padded_text_vocab_size)
         for layer in cast(list[Qwen2DecoderLayer], list(self.backbone.layers)):
             for parent in (layer.self_attn, layer.mlp):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
                         setattr(parent, name, Int8Linear(child.weight, child.bias))
         self.cast_parameters_(torch.bfloat16)
-        self.int8_text_head, self.int8_audio_head = text_head, audio_head
         return self
 
     def embed(self, ids: torch.Tensor, splices: Sequence[Splice] = ()) -> torch.Tensor:
@@ -231,20 +238,17 @@ class OmniLM(nn.Module):
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., 152000) logits of the text slice only."""
-        if self.int8_text_head is not None:
-            return cast(torch.Tensor, self.int8_text_head(h))
-        return F.linear(h, self.lm_head.weight[: self.layout.padded_text_vocab_size])
+        head = self.lm_head
+        if isinstance(head, Int8Head):
+            return head.text(h)
+        return F.linear(h, head.weight[: self.layout.padded_text_vocab_size])
 
     def audio_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., 7, 4160) logits of the 7 audio slices, local ids."""
         start, stop = self.layout.audio_logits_range
-        if self.int8_audio_head is not None:
-            logits = self.int8_audio_head(h)
-        else:
-            logits = F.linear(h, self.lm_head.weight[start:stop])
+        head = self.lm_head
+        logits = head.audio(h) if isinstance(head, Int8Head) else F.linear(h, head.weight[start:stop])
         return logits.unflatten(-1, (self.layout.num_audio_layers, self.layout.padded_audio_vocab_size))
 
     def full_logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.is_int8:
-            return torch.cat([self.text_logits(h), self.audio_logits(h).flatten(-2)], dim=-1)
-        return self.lm_head(h)
+        return cast(torch.Tensor, self.lm_head(h))

@@ -167,6 +167,7 @@ def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> N
     sink_head(1, C_SINK, math.log(SINK_WEIGHT), C_AFTER, C_STOP)  # counter
 
     # -- output head: random rows for real tokens, thresholds for _eot / _eoa, specials never
+    assert isinstance(model.lm_head, nn.Linear)  # a fresh fp32 model, never the int8 head
     W = model.lm_head.weight
     W.copy_(randn(*W.shape, std=3.0 / math.sqrt(C)))
     W[:, :_N_RESERVED] = 0.0

@@ -31,7 +31,7 @@ from .layout import TokenLayout
 from .llm import OmniLM
 from .prompts import Prompt, Task, build_prompt
 from .tokenizer import TextTokenizer
-from .vision import ClipImageEncoder, load_clip
+from .vision import NO_IMAGES, ClipImageEncoder, load_clip
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class OmniModel:
     @property
     def family(self) -> str:
         """ "mini-omni2" when the checkpoint has a vision adapter, else "mini-omni"."""
-        return "mini-omni2" if self.config.vision_adapter_dim is not None else "mini-omni"
+        return "mini-omni2" if self.takes_images else "mini-omni"
 
     @property
     def precision(self) -> str:
@@ -159,9 +159,9 @@ class OmniModel:
                 codec.cast_(encoder_dtype)
         del lit_sd
         release_freed_memory()  # the fp32 state dict (and int8's fp32 copies) would else stay resident
-        family = "mini-omni2" if config.vision_adapter_dim is not None else "mini-omni"
-        log.info("loaded %s (%s, %s, %s) in %.1f s", root, family, device, precision, time.perf_counter() - t0)
-        return cls(config, llm, tokenizer, whisper, codec, str(root), clip)
+        model = cls(config, llm, tokenizer, whisper, codec, str(root), clip)
+        log.info("loaded %s (%s, %s, %s) in %.1f s", root, model.family, device, precision, time.perf_counter() - t0)
+        return model
 
     def encode_audio(self, audio: np.ndarray) -> torch.Tensor:
         """16 kHz mono float audio -> (L, C) Whisper features."""
@@ -173,7 +173,7 @@ class OmniModel:
         """A decoded PIL image (model.vision.decode_image) or its preprocessed pixels -> (50, D)
         CLIP features."""
         if not self.takes_images:
-            raise InputError("this checkpoint takes no images (Mini-Omni; images need a Mini-Omni2 checkpoint)")
+            raise InputError(NO_IMAGES)
         if self.clip is None:
             raise InputError("this model was loaded without its CLIP image encoder")
         return self.clip.encode(image)

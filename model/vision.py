@@ -47,6 +47,9 @@ MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
+NO_IMAGES = "this checkpoint takes no images (Mini-Omni); images need a Mini-Omni2 checkpoint"
+
+
 class ImageError(InputError):
     """An image that cannot be used: not an image, truncated, too large, unsupported format."""
 
@@ -100,6 +103,11 @@ def preprocess(img: object, size: int = IMAGE_SIZE) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
     std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
     return (x - mean) / std
+
+
+def image_pixels(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Encoded image bytes -> the (3, 224, 224) CLIP pixels: all an image turn keeps of it."""
+    return preprocess(decode_image(data, max_bytes, max_pixels))
 
 
 def read_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:

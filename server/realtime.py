@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from model.vision import ImageError, decode_image, preprocess
+from model.vision import NO_IMAGES, ImageError, image_pixels
 from streaming.config import InterruptMode, SessionConfig, TurnDetection
 from streaming.events import (
     AudioChunk,
@@ -71,10 +71,6 @@ class _ResponseState:
     task: str = ""
     transcript: str = ""
     audio_ms: float = 0.0
-
-
-def _image_pixels(data: bytes, max_bytes: int, max_pixels: int) -> Any:
-    return preprocess(decode_image(data, max_bytes, max_pixels))
 
 
 class Connection:
@@ -448,13 +444,12 @@ class Connection:
             if part.type != "input_image":
                 continue
             if not self.session.runner.model.takes_images:
-                raise ProtocolError("image_not_supported", "this checkpoint takes no images (Mini-Omni); images "
-                                    "need a Mini-Omni2 checkpoint", f"item.content.{i}", ev.event_id)  # fmt: skip
+                raise ProtocolError("image_not_supported", NO_IMAGES, f"item.content.{i}", ev.event_id)
             param = f"item.content.{i}.image_url"
             data = decode_image_url(part.image_url, param, ev.event_id)
             cfg = self.session.config
             try:  # decoded and resized off the event loop
-                pixels = await asyncio.to_thread(_image_pixels, data, cfg.max_image_bytes, cfg.max_image_pixels)
+                pixels = await asyncio.to_thread(image_pixels, data, cfg.max_image_bytes, cfg.max_image_pixels)
             except ImageError as e:
                 raise ProtocolError("invalid_image", str(e), param, ev.event_id) from None
             item_id = self.session.add_image(pixels)

@@ -39,7 +39,7 @@ class ResponseRequest:
     task: Task
     audio: np.ndarray | None = None  # 16 kHz mono, audio-in tasks
     text: str | None = None  # text-in tasks
-    image: object | None = None  # a decoded PIL image, image task (Mini-Omni2)
+    image: object | None = None  # image task (Mini-Omni2): CLIP pixels or a decoded PIL image
     audio_output: bool = True  # False: an audio-out task whose audio nobody wants (no SNAC work)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int | None = None

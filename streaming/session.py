@@ -22,7 +22,7 @@ import torch
 
 from model.audio import MAX_INPUT_SECONDS
 from model.prompts import Task
-from model.vision import ImageError, decode_image, preprocess
+from model.vision import NO_IMAGES, ImageError, image_pixels, preprocess
 
 from .audio_in import MODEL_RATE, AudioHistory, InputResampler, InvalidAudio, decode_pcm16
 from .config import InterruptMode, SessionConfig
@@ -322,19 +322,15 @@ class Session:
         (Mini-Omni2's image task; one image per turn, a newer image replaces a pending one).
         Only the 224 x 224 pixels are kept (~0.6 MB, whatever the image's size)."""
         if not self.runner.model.takes_images:
-            self._emit(
-                SessionError(
-                    "image_not_supported", "this checkpoint takes no images (Mini-Omni); images need Mini-Omni2"
-                )
-            )
+            self._emit(SessionError("image_not_supported", NO_IMAGES))
             return None
         if isinstance(image, bytes):
             try:
-                image = decode_image(image, self.config.max_image_bytes, self.config.max_image_pixels)
+                image = image_pixels(image, self.config.max_image_bytes, self.config.max_image_pixels)
             except ImageError as e:
                 self._emit(SessionError("invalid_image", str(e)))
                 return None
-        if not isinstance(image, torch.Tensor):
+        elif not isinstance(image, torch.Tensor):
             image = preprocess(image)
         with self._lock:
             self._pending_image = image

@@ -3,8 +3,10 @@
 A scripted user speaks into a real session at real-time pace (32 ms chunks), the way a
 microphone would. We time, on the wall clock:
 - ttfa: from the last speech sample fed to the first audio chunk out, split into the VAD
-  hangover (speech end -> the VAD's end-of-turn decision), Whisper encode, prefill, the
+  hangover (speech end -> the end-of-turn decision), Whisper encode, prefill, the
   decode steps to the first exact SNAC chunk (7 delay steps + lookahead), and SNAC decode;
+  once per turn detection mode, side by side: server_vad (500 ms of silence) and
+  semantic_vad (the Smart Turn end-of-turn model after a short silence);
 - barge-in: from the last sample of a spoken "stop omni" to the cancel (the interrupt event);
 - the response's real-time factor: audio seconds made per second of generation.
 The floor is the VAD silence window plus the work for one frame.
@@ -23,10 +25,11 @@ import torch
 from model.audio import load_audio_file
 from model.codec import SAMPLES_PER_FRAME
 from model.omni import OmniModel
-from streaming.config import SessionConfig
+from streaming.config import SessionConfig, TurnDetection
 from streaming.detector import FasterWhisperASR, RecognizerWorker
 from streaming.events import AudioChunk, Event, InputCommitted, Interrupted, ResponseDone
 from streaming.runner import ModelRunner
+from streaming.semantic_turn import SmartTurn
 from streaming.session import Session
 from streaming.vad import SileroVAD
 
@@ -91,25 +94,31 @@ def bench_latency(
     runs: int = 3,
     max_new_tokens: int = 60,
     device: str = "cpu",
+    turn_detection: tuple[str, ...] = ("server_vad", "semantic_vad"),
 ) -> dict[str, Any]:
     model = OmniModel.load(checkpoint, device=device, dtype=dtype)
     runner = ModelRunner(model).start()
     vad = SileroVAD()
+    turn_model = SmartTurn()
     recognizer = RecognizerWorker(FasterWhisperASR())
     question, command = load_audio_file(question_wav), load_audio_file(command_wav)
     silence = np.zeros(int(0.3 * 16000), np.float32)
     # No pacing here: the real-time factor is what generation can do, not what playback allows.
     cfg = SessionConfig(input_sample_rate=16000, max_new_tokens=max_new_tokens, max_audio_lead_ms=1e9)
     q_end, c_end = silence.size + speech_end(question), speech_end(command)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
-        for _ in range(runs):
+        for mode in (m for _ in range(runs) for m in turn_detection):
             # -- time to first audio
-            s = Session(runner, vad, recognizer, cfg)
+            s = Session(runner, vad, recognizer, cfg.replace(turn_detection=TurnDetection(type=mode)), turn_model)
             ev: list[tuple[float, Event]] = []
             t_spoken = _speak(s, np.concatenate([silence, question]), ev) + q_end / 16000
-            _speak(s, np.zeros(int(1.0 * 16000), np.float32), ev)  # the user is quiet now
-            t_commit = _wait(s, ev, InputCommitted, 10)
+            t_commit = None
+            for _ in range(40):  # the user is quiet now, and the microphone keeps streaming (<= 10 s)
+                _speak(s, np.zeros(int(0.25 * 16000), np.float32), ev)
+                t_commit = next((t for t, e in ev if isinstance(e, InputCommitted)), None)
+                if t_commit is not None:
+                    break
             t_audio = _wait(s, ev, AudioChunk, 120)
             t_done = _wait(s, ev, ResponseDone, 300)
             done = next(e for _, e in ev if isinstance(e, ResponseDone))
@@ -117,6 +126,7 @@ def bench_latency(
             tm = done.timings
             gen_s = (t_done or first) - (t_commit or first) - (tm.get("encode_ms") or 0) / 1000
             row: dict[str, Any] = {
+                "turn_detection": mode,
                 "ttfa_ms": round((t_audio - t_spoken) * 1000, 1) if t_audio else None,
                 "vad_hangover_ms": round((t_commit - t_spoken) * 1000, 1) if t_commit else None,
                 "encode_ms": tm.get("encode_ms"),
@@ -126,7 +136,11 @@ def bench_latency(
                 "response_audio_s": round(done.audio_ms / 1000, 3),
                 "real_time_factor": round(done.audio_ms / 1000 / gen_s, 3) if gen_s > 0 else None,
             }
-            # -- barge-in: a new answer, then "stop omni" while it plays
+            s.close()
+            rows.append(row)
+            if mode != turn_detection[0]:
+                continue
+            # -- barge-in (once per run): a new answer, then "stop omni" while it plays
             s2 = Session(runner, vad, recognizer, cfg.replace(max_audio_lead_ms=1000))
             ev2: list[tuple[float, Event]] = []
             _speak(s2, np.concatenate([silence, question, np.zeros(int(0.7 * 16000), np.float32)]), ev2)
@@ -137,23 +151,24 @@ def bench_latency(
                 row["barge_in_ms"] = round((t_int - t_cmd_end) * 1000, 1) if t_int else None
                 row["barge_in_detected"] = t_int is not None
             s2.close()
-            rows.append(row)
     finally:
         runner.close()
         recognizer.close()
 
-    def med(key: str) -> float | None:
-        vals = [r[key] for r in rows if r.get(key) is not None]
+    def med(mode: str, key: str) -> float | None:
+        vals = [r[key] for r in rows if r["turn_detection"] == mode and r.get(key) is not None]
         return round(statistics.median(vals), 1) if vals else None
 
+    keys = [k for k in rows[0] if k not in ("barge_in_detected", "turn_detection")]
     lookahead = cfg.lookahead_frames + cfg.chunk_frames
     return {
         "benchmark": "latency",
         "checkpoint": str(checkpoint),
         "model": model.config.name,
         "dtype": dtype,
+        "question_wav": str(question_wav),
         "runs": rows,
-        "median": {k: med(k) for k in rows[0] if k != "barge_in_detected"},
+        "median": {mode: {k: med(mode, k) for k in keys} for mode in turn_detection},
         "snac_first_chunk_ms": round(_snac_first_chunk_ms(model, lookahead + cfg.left_context_frames), 1),
         "vad_silence_window_ms": 500,
         "frame_ms": round(SAMPLES_PER_FRAME / 24, 2),
@@ -162,8 +177,10 @@ def bench_latency(
 
 
 def print_latency(result: dict[str, Any]) -> None:
-    m = result["median"]
-    print(f"{result['model']} ({result['dtype']}), median of {len(result['runs'])} runs:")
-    for k, v in m.items():
-        print(f"  {k:18s} {v}")
+    medians = result["median"]
+    modes = list(medians)
+    print(f"{result['model']} ({result['dtype']}), medians per turn detection:")
+    print(f"  {'':18s} " + " ".join(f"{m:>14s}" for m in modes))
+    for k in medians[modes[0]]:
+        print(f"  {k:18s} " + " ".join(f"{medians[m][k]!s:>14s}" for m in modes))
     print(f"  snac_first_chunk_ms {result['snac_first_chunk_ms']}")

@@ -19,6 +19,7 @@ from streaming.config import SessionConfig
 from streaming.detector import RecognizerWorker
 from streaming.events import ResponseDone
 from streaming.runner import ModelRunner
+from streaming.semantic_turn import SmartTurn
 from streaming.session import Session
 from streaming.vad import SileroVAD
 
@@ -43,6 +44,7 @@ class Engine:
         self.recognizer = recognizer
         self.runner = ModelRunner(model, max_active=max(settings.max_sessions, 1)).start()
         self.vad = SileroVAD()
+        self.turn_model = _load_turn_model() if settings.turn_model else None
         self.metrics = Metrics()
         self.metrics.session_slots.set(settings.max_sessions)
         self.connections: set[Connection] = set()
@@ -73,6 +75,14 @@ class Engine:
         self.runner.close()
         if self.recognizer is not None:
             self.recognizer.close()
+
+
+def _load_turn_model() -> SmartTurn | None:
+    try:
+        return SmartTurn()
+    except Exception as e:  # semantic_vad then ends turns after 500 ms of silence, as server_vad
+        log.warning("semantic_vad runs without its end-of-turn model: %s", e)
+        return None
 
 
 def _authorized(ws: WebSocket, key: str | None) -> bool:
@@ -123,7 +133,7 @@ def create_app(engine: Engine) -> FastAPI:
         await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
         session_id = "sess_" + secrets.token_hex(8)
         config = SessionConfig(max_new_tokens=settings.max_new_tokens)
-        session = Session(engine.runner, engine.vad, engine.recognizer, config)
+        session = Session(engine.runner, engine.vad, engine.recognizer, config, turn_model=engine.turn_model)
         conn = Connection(
             ws, session, session_id, engine.model.config.name, engine.demo, settings.send_buffer_events, engine.on_event
         )

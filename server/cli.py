@@ -232,6 +232,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         runs=args.runs,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        turn_detection=tuple(args.turn_detection.split(",")),
     )
     print_latency(result)
     _save_json(args.json, result)
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--max-new-tokens", type=int, default=60, help="bound each answer (steps)")
     bl.add_argument("--question-wav", type=Path, help="the user's question (default: the test fixture)")
     bl.add_argument("--command-wav", type=Path, help="the barge-in command (default: 'stop omni' fixture)")
+    bl.add_argument("--turn-detection", default="server_vad,semantic_vad",
+                    help="turn detection modes to time side by side (comma-separated)")  # fmt: skip
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
     bi = bsub.add_parser("image", help="Mini-Omni2 image turns: CLIP encode, prefill, first audio")

@@ -12,7 +12,7 @@ import binascii
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class ProtocolError(Exception):
@@ -29,27 +29,63 @@ class _Model(BaseModel):
 
 
 class AudioFormat(_Model):
-    type: Literal["audio/pcm"] = "audio/pcm"
-    rate: Literal[16000, 24000] = 24000
+    type: Literal["audio/pcm", "audio/pcmu", "audio/pcma"] = "audio/pcm"
+    rate: Literal[8000, 16000, 24000] | None = None  # audio/pcm: 24000 (16000 accepted); G.711: 8000
+
+    @model_validator(mode="after")
+    def _rate_fits_type(self) -> AudioFormat:
+        if self.type == "audio/pcm" and self.rate == 8000:
+            raise ValueError("audio/pcm takes rate 24000 or 16000; 8 kHz audio is audio/pcmu or audio/pcma")
+        if self.type != "audio/pcm" and self.rate not in (None, 8000):
+            raise ValueError(f"{self.type} is 8000 Hz")
+        return self
+
+    @property
+    def sample_rate(self) -> int:
+        return (self.rate or 24000) if self.type == "audio/pcm" else 8000
 
 
-class TurnDetectionIn(_Model):
-    type: Literal["server_vad"] = "server_vad"
+class ServerVadIn(_Model):
+    type: Literal["server_vad"]
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     prefix_padding_ms: int = Field(300, ge=0, le=5000)
     silence_duration_ms: int = Field(500, ge=32, le=10000)
+    idle_timeout_ms: int | None = Field(None, ge=5000, le=30000)
     create_response: bool = True
     interrupt_response: bool = True
+
+
+class SemanticVadIn(_Model):
+    type: Literal["semantic_vad"]
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+TurnDetectionIn = Annotated[ServerVadIn | SemanticVadIn, Field(discriminator="type")]
+
+
+class NoiseReduction(_Model):
+    type: Literal["near_field", "far_field"]
+
+
+class Transcription(_Model):
+    model: str | None = Field(None, max_length=200)
+    language: str | None = Field(None, max_length=20)
+    prompt: str | None = Field(None, max_length=4000)
 
 
 class AudioInput(_Model):
     format: AudioFormat | None = None
     turn_detection: TurnDetectionIn | None = Field(default=None)
-    transcription: dict[str, Any] | None = None
+    transcription: Transcription | None = None
+    noise_reduction: NoiseReduction | None = None
 
 
 class AudioOutput(_Model):
     format: AudioFormat | None = None
+    voice: str | None = Field(None, max_length=100)
+    speed: float | None = Field(None, ge=0.25, le=1.5)
 
 
 class SessionAudio(_Model):
@@ -64,11 +100,18 @@ class OmnivoxOptions(_Model):
     max_audio_lead_ms: int | None = Field(None, ge=100, le=60000)
 
 
+MaxOutputTokens = Annotated[int, Field(ge=1, le=4096)] | Literal["inf"]
+ToolChoice = Literal["auto", "none", "required"] | dict[str, Any]
+
+
 class SessionIn(_Model):
     type: Literal["realtime"] = "realtime"
-    instructions: str | None = None
+    instructions: str | None = Field(None, max_length=100_000)
     output_modalities: list[Literal["audio", "text"]] | None = Field(None, min_length=1, max_length=1)
     audio: SessionAudio | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    max_output_tokens: MaxOutputTokens | None = None
     omnivox: OmnivoxOptions | None = None
 
 
@@ -95,29 +138,85 @@ class AudioClear(_Event):
 
 
 class ContentIn(_Model):
-    type: Literal["input_text", "input_audio", "input_image"]
+    type: Literal["input_text", "input_audio", "input_image", "output_text", "output_audio", "text"]
     text: str | None = Field(None, max_length=20000)
     audio: str | None = None
+    transcript: str | None = Field(None, max_length=20000)
     image_url: str | None = None
     detail: str | None = None  # accepted as OpenAI sends it; the release has one resolution (224 px)
 
 
+ROLE_CONTENT = {
+    "user": ("input_text", "input_audio", "input_image"),
+    "assistant": ("output_text", "output_audio", "text"),
+    "system": ("input_text",),
+}
+
+
 class ItemIn(_Model):
-    id: str | None = None
+    id: str | None = Field(None, min_length=1, max_length=64)
     type: Literal["message"] = "message"
-    role: Literal["user", "system"] = "user"
-    content: list[ContentIn] = Field(min_length=1)
+    role: Literal["user", "assistant", "system"] = "user"
+    content: list[ContentIn] = Field(min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _content_fits_role(self) -> ItemIn:
+        allowed = ROLE_CONTENT[self.role]
+        for part in self.content:
+            if part.type not in allowed:
+                raise ValueError(f"a {self.role} message takes content of type {', '.join(allowed)}, not {part.type}")
+        return self
 
 
 class ItemCreate(_Event):
     type: Literal["conversation.item.create"]
     item: ItemIn
-    previous_item_id: str | None = None
+    previous_item_id: str | None = Field(None, max_length=64)
+
+
+class ItemRetrieve(_Event):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str = Field(max_length=64)
+
+
+class ItemDelete(_Event):
+    type: Literal["conversation.item.delete"]
+    item_id: str = Field(max_length=64)
+
+
+class ItemReference(_Model):
+    type: Literal["item_reference"]
+    id: str = Field(max_length=64)
+
+
+class InputMessage(ItemIn):
+    type: Literal["message"]
+
+
+ResponseInput = Annotated[InputMessage | ItemReference, Field(discriminator="type")]
+
+
+class ResponseAudioOutput(_Model):
+    format: AudioFormat | None = None
+    voice: str | None = Field(None, max_length=100)
+
+
+class ResponseAudio(_Model):
+    output: ResponseAudioOutput | None = None
 
 
 class ResponseIn(_Model):
     output_modalities: list[Literal["audio", "text"]] | None = Field(None, min_length=1, max_length=1)
-    instructions: str | None = None
+    instructions: str | None = Field(None, max_length=100_000)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16
+    )
+    conversation: Literal["auto", "none"] | None = None
+    input: list[ResponseInput] | None = Field(None, max_length=64)
+    audio: ResponseAudio | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    max_output_tokens: MaxOutputTokens | None = None
 
 
 class ResponseCreate(_Event):
@@ -132,7 +231,7 @@ class ResponseCancel(_Event):
 
 class ItemTruncate(_Event):
     type: Literal["conversation.item.truncate"]
-    item_id: str
+    item_id: str = Field(max_length=64)
     content_index: int = Field(0, ge=0)
     audio_end_ms: int = Field(ge=0)
 
@@ -149,6 +248,8 @@ ClientEvent = Annotated[
     | AudioCommit
     | AudioClear
     | ItemCreate
+    | ItemRetrieve
+    | ItemDelete
     | ResponseCreate
     | ResponseCancel
     | ItemTruncate
@@ -162,6 +263,8 @@ KNOWN_TYPES = {
     "input_audio_buffer.commit",
     "input_audio_buffer.clear",
     "conversation.item.create",
+    "conversation.item.retrieve",
+    "conversation.item.delete",
     "response.create",
     "response.cancel",
     "conversation.item.truncate",
@@ -169,11 +272,19 @@ KNOWN_TYPES = {
 }
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_client_event(text: str | bytes) -> ClientEvent:
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError("invalid_json", f"the message is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("invalid_json", "the message nests too deeply") from None
+    except ValueError as e:  # NaN/Infinity, or an integer past Python's digit limit
+        raise ProtocolError("invalid_json", f"the message is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("invalid_json", "a client event must be a JSON object")
     event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
@@ -184,6 +295,8 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
         raise ProtocolError("unknown_event", f"unknown event type {kind[:80]!r}", "type", event_id)
     try:
         return _ADAPTER.validate_python(raw)
+    except RecursionError:
+        raise ProtocolError("invalid_event", f"{kind}: the event nests too deeply", None, event_id) from None
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(p) for p in err["loc"] if str(p) != kind]
@@ -191,12 +304,13 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
         raise ProtocolError("invalid_event", f"{kind}: {param or 'event'}: {err['msg']}", param, event_id) from None
 
 
-def decode_audio(b64: str, event_id: str | None = None) -> bytes:
+def decode_audio(b64: str, event_id: str | None = None, even: bool = True) -> bytes:
+    """base64 audio -> bytes; `even`: PCM16 needs whole samples (G.711 is one byte a sample)."""
     try:
         pcm = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("invalid_audio", "audio is not valid base64", "audio", event_id) from None
-    if len(pcm) % 2:
+    if even and len(pcm) % 2:
         raise ProtocolError(
             "invalid_audio", f"PCM16 audio needs an even number of bytes, got {len(pcm)}", "audio", event_id
         )

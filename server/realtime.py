@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +25,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from model.vision import NO_IMAGES, ImageError, image_pixels
 from streaming.config import InterruptMode, SessionConfig, TurnDetection
+from streaming.detector import ASR_MODEL_NAME
 from streaming.events import (
     AudioChunk,
     Event,
     InputCleared,
     InputCommitted,
+    InputTimeout,
     InputTranscript,
     Interrupted,
     ResponseCreated,
@@ -38,6 +41,7 @@ from streaming.events import (
     SpeechStopped,
     TranscriptDelta,
 )
+from streaming.g711 import G711Encoder
 from streaming.session import Session
 
 from .protocol import (
@@ -45,12 +49,20 @@ from .protocol import (
     AudioClear,
     AudioCommit,
     ClientEvent,
+    ContentIn,
+    InputMessage,
     ItemCreate,
+    ItemDelete,
+    ItemIn,
+    ItemReference,
+    ItemRetrieve,
     ItemTruncate,
     Playback,
     ProtocolError,
     ResponseCancel,
     ResponseCreate,
+    SemanticVadIn,
+    ServerVadIn,
     SessionUpdate,
     decode_audio,
     decode_image_url,
@@ -63,6 +75,10 @@ log = logging.getLogger("omnivox.server")
 OUTPUT_RATE = 24000
 
 
+MAX_ITEMS = 1024  # conversation items kept for retrieve/delete/previous_item_id (oldest dropped first)
+CONVERSATION_ROOT = "root"  # previous_item_id that inserts at the beginning, as OpenAI's
+
+
 @dataclass
 class _ResponseState:
     response_id: str
@@ -71,6 +87,17 @@ class _ResponseState:
     task: str = ""
     transcript: str = ""
     audio_ms: float = 0.0
+    metadata: dict[str, Any] | None = None
+    in_conversation: bool = True  # False: out-of-band (response.conversation "none")
+    encoder: G711Encoder | None = None  # output audio in G.711
+
+
+@dataclass
+class _ResponseOptions:
+    """What response.create asked for that only the transport needs."""
+
+    metadata: dict[str, Any] | None
+    in_conversation: bool
 
 
 class Connection:
@@ -94,8 +121,20 @@ class Connection:
         self._out: asyncio.Queue[str | bytes | None] = asyncio.Queue(maxsize=send_buffer)
         self._ids = itertools.count(1)
         self._responses: dict[str, _ResponseState] = {}
-        self._last_item: str | None = None
-        self._assistant_items: dict[str, _ResponseState] = {}
+        self._response_options: dict[str, _ResponseOptions] = {}
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the conversation, in order
+        self._assistant_items: OrderedDict[str, _ResponseState] = OrderedDict()
+        self.extensions = False  # omnivox.* events only for a client that asked (any `omnivox` in session.update)
+        self.output_format = "audio/pcm"
+        self._echo: dict[str, Any] = {  # accepted session fields that change nothing here, echoed as sent
+            "tools": [],
+            "tool_choice": "auto",
+            "max_output_tokens": "inf",
+            "voice": "omni",
+            "speed": 1.0,
+            "noise_reduction": None,
+            "transcription": None,
+        }
         self._on_event = on_event or (lambda kind, value: None)
         self._closing = False
         self._wake = asyncio.Event()
@@ -156,11 +195,14 @@ class Connection:
     async def _pump(self) -> None:
         """Move session events to the client as they come."""
         while not self._closing:
-            for event in self.session.poll():
-                self._map_event(event)
+            self._drain()
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.01)
+
+    def _drain(self) -> None:
+        for event in self.session.poll():
+            self._map_event(event)
 
     # ---------------- output ----------------
 
@@ -193,6 +235,17 @@ class Connection:
     def session_view(self) -> dict[str, Any]:
         cfg = self.session.config
         td = cfg.turn_detection
+        turn: dict[str, Any] | None
+        if td is None:
+            turn = None
+        elif td.semantic:
+            turn = {"type": "semantic_vad", "eagerness": td.eagerness, "create_response": td.create_response,
+                    "interrupt_response": td.interrupt_response}  # fmt: skip
+        else:
+            turn = {"type": "server_vad", "threshold": td.threshold, "prefix_padding_ms": td.prefix_padding_ms,
+                    "silence_duration_ms": td.silence_duration_ms, "idle_timeout_ms": td.idle_timeout_ms,
+                    "create_response": td.create_response, "interrupt_response": td.interrupt_response}  # fmt: skip
+        e = self._echo
         return {
             "type": "realtime",
             "object": "realtime.session",
@@ -202,21 +255,20 @@ class Connection:
             "instructions": self.instructions,
             "audio": {
                 "input": {
-                    "format": {"type": "audio/pcm", "rate": cfg.input_sample_rate},
-                    "turn_detection": None
-                    if td is None
-                    else {
-                        "type": "server_vad",
-                        "threshold": td.threshold,
-                        "prefix_padding_ms": td.prefix_padding_ms,
-                        "silence_duration_ms": td.silence_duration_ms,
-                        "create_response": td.create_response,
-                        "interrupt_response": td.interrupt_response,
-                    },
-                    "transcription": {"model": "faster-whisper-tiny.en"} if cfg.transcribe_input else None,
+                    "format": _format_view(cfg.input_format, cfg.input_sample_rate),
+                    "turn_detection": turn,
+                    "transcription": e["transcription"],
+                    "noise_reduction": e["noise_reduction"],
                 },
-                "output": {"format": {"type": "audio/pcm", "rate": OUTPUT_RATE}, "voice": "omni"},
+                "output": {
+                    "format": _format_view(self.output_format, OUTPUT_RATE),
+                    "voice": e["voice"],
+                    "speed": e["speed"],
+                },
             },
+            "tools": e["tools"],
+            "tool_choice": e["tool_choice"],
+            "max_output_tokens": e["max_output_tokens"],
             "omnivox": {
                 "interrupt_mode": cfg.interrupt_mode.value,
                 "interrupt_phrases": list(cfg.interrupt_phrases),
@@ -227,6 +279,49 @@ class Connection:
                 "images": self.session.runner.model.takes_images,  # input_image accepted (Mini-Omni2)
             },
         }
+
+    # ---------------- the conversation ----------------
+
+    @property
+    def _last_item(self) -> str | None:
+        return next(reversed(self._items)) if self._items else None
+
+    def _add_item(self, item: dict[str, Any], previous_item_id: str | None = None) -> str | None:
+        """Insert an item after `previous_item_id` (the end when None, the start for "root");
+        returns the id of the item now before it."""
+        item_id = item["id"]
+        if previous_item_id is None or previous_item_id == self._last_item:
+            before = self._last_item
+            self._items[item_id] = item
+        else:
+            order = list(self._items.items())
+            at = 0 if previous_item_id == CONVERSATION_ROOT else [k for k, _ in order].index(previous_item_id) + 1
+            order.insert(at, (item_id, item))
+            self._items = OrderedDict(order)
+            before = None if at == 0 else order[at - 1][0]
+        while len(self._items) > MAX_ITEMS:
+            old, _ = self._items.popitem(last=False)
+            self.session.forget(old)
+        return before
+
+    def _announce_item(self, item: dict[str, Any], previous_item_id: str | None = None) -> None:
+        before = self._add_item(item, previous_item_id)
+        self._send({"type": "conversation.item.added", "previous_item_id": before, "item": item})
+        self._send({"type": "conversation.item.done", "previous_item_id": before, "item": item})
+
+    def _user_item(self, item_id: str, content: list[dict[str, Any]], previous_item_id: str | None = None) -> None:
+        item = {"id": item_id, "type": "message", "object": "realtime.item", "role": "user",
+                "status": "completed", "content": content}  # fmt: skip
+        self._announce_item(item, previous_item_id)
+
+    def _answerable_item(self) -> str | None:
+        """Mini-Omni answers one user turn: the latest user item the session still holds."""
+        for item_id in reversed(self._items):
+            if self._items[item_id]["role"] == "user" and self.session.has_input(item_id):
+                return item_id
+        return None
+
+    # ---------------- session events -> wire ----------------
 
     def _map_event(self, event: Event) -> None:
         if isinstance(event, SpeechStarted):
@@ -241,9 +336,11 @@ class Connection:
             self._user_item(event.item_id, [{"type": "input_audio", "transcript": None}])
         elif isinstance(event, InputCleared):
             self._send({"type": "input_audio_buffer.cleared"})
+        elif isinstance(event, InputTimeout):
+            self._send({"type": "input_audio_buffer.timeout_triggered", "item_id": event.item_id,
+                        "audio_start_ms": event.audio_start_ms, "audio_end_ms": event.audio_end_ms})  # fmt: skip
         elif isinstance(event, InputTranscript):
-            self._send({"type": "conversation.item.input_audio_transcription.completed", "item_id": event.item_id,
-                        "content_index": 0, "transcript": event.transcript})  # fmt: skip
+            self._input_transcript(event)
         elif isinstance(event, ResponseCreated):
             self._response_created(event)
         elif isinstance(event, TranscriptDelta):
@@ -258,17 +355,26 @@ class Connection:
             self._response_done(event)
         elif isinstance(event, Interrupted):
             self._on_event("interrupt", self.session.config.interrupt_mode.value)
-            self._send({"type": "omnivox.interrupt", "response_id": event.response_id, "phrase": event.phrase,
-                        "detected_ms": event.detected_ms})  # fmt: skip
+            if self.extensions:
+                self._send({"type": "omnivox.interrupt", "response_id": event.response_id, "phrase": event.phrase,
+                            "detected_ms": event.detected_ms})  # fmt: skip
         elif isinstance(event, SessionError):
             self._error(event.code, event.message)
 
-    def _user_item(self, item_id: str, content: list[dict[str, Any]]) -> None:
-        item = {"id": item_id, "type": "message", "object": "realtime.item", "role": "user",
-                "status": "completed", "content": content}  # fmt: skip
-        self._send({"type": "conversation.item.added", "previous_item_id": self._last_item, "item": item})
-        self._send({"type": "conversation.item.done", "previous_item_id": self._last_item, "item": item})
-        self._last_item = item_id
+    def _input_transcript(self, event: InputTranscript) -> None:
+        where = {"item_id": event.item_id, "content_index": 0}
+        if event.failed:
+            self._send({"type": "conversation.item.input_audio_transcription.failed", **where, "error": {
+                "type": "transcription_error", "code": "transcription_failed",
+                "message": "the speech recognizer could not transcribe this audio", "param": None}})  # fmt: skip
+            return
+        item = self._items.get(event.item_id)
+        if item is not None and item["content"]:
+            item["content"][0]["transcript"] = event.transcript
+        self._send({"type": "conversation.item.input_audio_transcription.delta", **where, "delta": event.transcript})
+        self._send({"type": "conversation.item.input_audio_transcription.completed", **where,
+                    "transcript": event.transcript,
+                    "usage": {"type": "duration", "seconds": round(event.audio_ms / 1000, 3)}})  # fmt: skip
 
     @staticmethod
     def _where(st: _ResponseState) -> dict[str, Any]:
@@ -283,20 +389,34 @@ class Connection:
         return {"id": st.item_id, "type": "message", "object": "realtime.item", "role": "assistant",
                 "status": status, "content": [part] if status != "in_progress" else []}  # fmt: skip
 
+    def _response_object(self, st: _ResponseState, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": st.response_id,
+            "object": "realtime.response",
+            "status": status,
+            "status_details": None,
+            "output": output,
+            "output_modalities": ["audio"] if st.audio else ["text"],
+            "conversation_id": f"conv_{self.session_id[5:]}" if st.in_conversation else None,
+            "metadata": st.metadata,
+            "usage": None,
+        }
+
     def _response_created(self, event: ResponseCreated) -> None:
-        audio = event.audio_out
-        st = _ResponseState(event.response_id, event.item_id, audio, event.task)
+        opts = self._response_options.pop(event.response_id, None) or _ResponseOptions(None, True)
+        st = _ResponseState(event.response_id, event.item_id, event.audio_out, event.task,
+                            metadata=opts.metadata, in_conversation=opts.in_conversation)  # fmt: skip
+        if st.audio and self.output_format != "audio/pcm":
+            st.encoder = G711Encoder(self.output_format)
         self._responses[event.response_id] = st
-        modalities = ["audio"] if audio else ["text"]
-        self._send({"type": "response.created", "response": {
-            "id": st.response_id, "object": "realtime.response", "status": "in_progress", "status_details": None,
-            "output": [], "output_modalities": modalities, "usage": None}})  # fmt: skip
+        self._send({"type": "response.created", "response": self._response_object(st, "in_progress", [])})
         item = self._assistant_item(st, "in_progress")
-        self._send({"type": "conversation.item.added", "previous_item_id": self._last_item, "item": item})
-        self._last_item = st.item_id
         self._send({"type": "response.output_item.added", "response_id": st.response_id, "output_index": 0,
                     "item": item})  # fmt: skip
-        part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
+        if st.in_conversation:
+            before = self._add_item(item)
+            self._send({"type": "conversation.item.added", "previous_item_id": before, "item": item})
+        part = {"type": "audio", "transcript": ""} if st.audio else {"type": "text", "text": ""}
         self._send({"type": "response.content_part.added", **self._where(st), "part": part})
 
     def _audio(self, event: AudioChunk) -> None:
@@ -304,12 +424,17 @@ class Connection:
         if st is None:
             return
         st.audio_ms += len(event.pcm) / 2 / OUTPUT_RATE * 1000
+        self._send_audio(st, event.pcm if st.encoder is None else st.encoder.encode(event.pcm), event.seq)
+
+    def _send_audio(self, st: _ResponseState, data: bytes, seq: int) -> None:
+        if not data:
+            return
         if self.binary_audio:
-            header = json.dumps({"response_id": event.response_id, "item_id": event.item_id, "seq": event.seq}).encode()
-            self._enqueue(struct.pack("<I", len(header)) + header + event.pcm)
+            header = json.dumps({"response_id": st.response_id, "item_id": st.item_id, "seq": seq}).encode()
+            self._enqueue(struct.pack("<I", len(header)) + header + data)
         else:
             self._send({"type": "response.output_audio.delta", **self._where(st),
-                        "delta": base64.b64encode(event.pcm).decode("ascii")})  # fmt: skip
+                        "delta": base64.b64encode(data).decode("ascii")})  # fmt: skip
 
     def _response_done(self, event: ResponseDone) -> None:
         st = self._responses.pop(event.response_id, None)
@@ -317,6 +442,8 @@ class Connection:
             return
         where = self._where(st)
         if st.audio:
+            if st.encoder is not None:
+                self._send_audio(st, st.encoder.flush(), -1)
             self._send({"type": "response.output_audio.done", **where})
             self._send({"type": "response.output_audio_transcript.done", **where, "transcript": st.transcript})
             part = {"type": "audio", "transcript": st.transcript}
@@ -328,8 +455,13 @@ class Connection:
         self._send(
             {"type": "response.output_item.done", "response_id": st.response_id, "output_index": 0, "item": item}
         )
-        self._send({"type": "conversation.item.done", "previous_item_id": None, "item": item})
-        self._assistant_items[st.item_id] = st
+        if st.in_conversation and st.item_id in self._items:
+            self._items[st.item_id] = item
+            self._send({"type": "conversation.item.done", "previous_item_id": self._previous_of(st.item_id),
+                        "item": item})  # fmt: skip
+            self._assistant_items[st.item_id] = st
+            while len(self._assistant_items) > MAX_ITEMS:
+                self._assistant_items.popitem(last=False)
         details: dict[str, Any] | None = None
         if event.status == "cancelled":
             details = {"type": "cancelled", "reason": event.reason or "client_cancelled"}
@@ -338,13 +470,23 @@ class Connection:
         elif event.status == "failed":
             details = {"type": "failed", "error": {"type": "server_error", "message": event.reason}}
         usage = event.usage or {}
-        self._send({"type": "response.done", "response": {
-            "id": st.response_id, "object": "realtime.response", "status": event.status, "status_details": details,
-            "output": [item], "output_modalities": ["audio"] if st.audio else ["text"],
-            "usage": {"total_tokens": usage.get("total_tokens", 0), "input_tokens": usage.get("input_tokens", 0),
-                      "output_tokens": usage.get("output_tokens", 0)},
-            "omnivox": {**event.timings, "audio_ms": round(st.audio_ms, 1), "task": st.task}}})  # fmt: skip
+        response = self._response_object(st, event.status, [item])
+        response["status_details"] = details
+        response["usage"] = {"total_tokens": usage.get("total_tokens", 0),
+                             "input_tokens": usage.get("input_tokens", 0),
+                             "output_tokens": usage.get("output_tokens", 0)}  # fmt: skip
+        if self.extensions:
+            response["omnivox"] = {**event.timings, "audio_ms": round(st.audio_ms, 1), "task": st.task}
+        self._send({"type": "response.done", "response": response})
         self._on_event("response_done", event)
+
+    def _previous_of(self, item_id: str) -> str | None:
+        before = None
+        for key in self._items:
+            if key == item_id:
+                return before
+            before = key
+        return None
 
     # ---------------- input ----------------
 
@@ -352,7 +494,7 @@ class Connection:
         if not self.binary_audio:
             self._error("invalid_event", "binary frames need session.update omnivox.binary_audio=true first")
             return
-        if len(data) % 2:
+        if self.session.config.input_format == "audio/pcm" and len(data) % 2:
             self._error("invalid_audio", f"PCM16 audio needs an even number of bytes, got {len(data)}")
             return
         await asyncio.to_thread(self.session.append_audio, data)
@@ -368,8 +510,11 @@ class Connection:
 
     async def _dispatch(self, ev: ClientEvent) -> None:
         s = self.session
+        if not isinstance(ev, AudioAppend):
+            self._drain()  # the conversation as the session has it (e.g. a commit just made) comes first
         if isinstance(ev, AudioAppend):
-            await asyncio.to_thread(s.append_audio, decode_audio(ev.audio, ev.event_id))
+            pcm = decode_audio(ev.audio, ev.event_id, even=s.config.input_format == "audio/pcm")
+            await asyncio.to_thread(s.append_audio, pcm)
         elif isinstance(ev, SessionUpdate):
             self._update(ev)
         elif isinstance(ev, AudioCommit):
@@ -378,13 +523,27 @@ class Connection:
             await asyncio.to_thread(s.clear)
         elif isinstance(ev, ItemCreate):
             await self._item_create(ev)
+        elif isinstance(ev, ItemRetrieve):
+            item = self._items.get(ev.item_id)
+            if item is None:
+                raise ProtocolError("item_retrieve_invalid_item_id", f"Item with item_id not found: {ev.item_id}",
+                                    "item_id", ev.event_id)  # fmt: skip
+            self._send({"type": "conversation.item.retrieved", "item": item})
+        elif isinstance(ev, ItemDelete):
+            if ev.item_id not in self._items:
+                raise ProtocolError("item_delete_invalid_item_id", f"Item with item_id not found: {ev.item_id}",
+                                    "item_id", ev.event_id)  # fmt: skip
+            del self._items[ev.item_id]
+            s.forget(ev.item_id)
+            self._send({"type": "conversation.item.deleted", "item_id": ev.item_id})
         elif isinstance(ev, ResponseCreate):
-            modalities = tuple(ev.response.output_modalities) if ev.response and ev.response.output_modalities else None
-            if s.create_response(modalities) is None:
-                self._wake.set()
+            await self._response_create(ev)
         elif isinstance(ev, ResponseCancel):
-            if not s.cancel_response("client_cancelled"):
-                raise ProtocolError("response_cancel_not_active", "there is no response to cancel", None, ev.event_id)
+            current = s.response
+            if current is None or (ev.response_id is not None and ev.response_id != current.response_id):
+                raise ProtocolError("response_cancel_not_active", "Cancellation failed: no active response found",
+                                    None, ev.event_id)  # fmt: skip
+            s.cancel_response("client_cancelled")
         elif isinstance(ev, ItemTruncate):
             self._truncate(ev)
         elif isinstance(ev, Playback):
@@ -394,27 +553,42 @@ class Connection:
         cfg = self.session.config
         new: dict[str, Any] = {}
         sess = ev.session
-        if sess.instructions is not None:
-            self.instructions = sess.instructions  # Mini-Omni has no system prompt: kept and reported only
+        echo = dict(self._echo)
+        output_format = self.output_format
+        if "omnivox" in sess.model_fields_set:
+            self.extensions = True
         if sess.output_modalities is not None:
             new["output_modalities"] = tuple(sess.output_modalities)
+        for name in ("tools", "tool_choice", "max_output_tokens"):
+            if name in sess.model_fields_set:
+                echo[name] = getattr(sess, name)
+        if sess.max_output_tokens is not None:
+            new["max_new_tokens"] = None if sess.max_output_tokens == "inf" else sess.max_output_tokens
         audio = sess.audio
         if audio is not None and audio.input is not None:
             inp = audio.input
             if inp.format is not None:
-                new["input_sample_rate"] = inp.format.rate
+                new["input_format"] = inp.format.type
+                new["input_sample_rate"] = inp.format.sample_rate
             if "turn_detection" in inp.model_fields_set:
-                td = inp.turn_detection
-                new["turn_detection"] = None if td is None else TurnDetection(
-                    threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
-                    silence_duration_ms=td.silence_duration_ms, create_response=td.create_response,
-                    interrupt_response=td.interrupt_response)  # fmt: skip
+                new["turn_detection"] = _turn_detection(inp.turn_detection)
             if "transcription" in inp.model_fields_set:
                 new["transcribe_input"] = inp.transcription is not None
-        if audio is not None and audio.output is not None and audio.output.format is not None:
-            if audio.output.format.rate != OUTPUT_RATE:
-                raise ProtocolError("invalid_event", "output audio is 24000 Hz PCM16 (SNAC's rate)",
-                                    "session.audio.output.format.rate", ev.event_id)  # fmt: skip
+                echo["transcription"] = None if inp.transcription is None else {
+                    **inp.transcription.model_dump(exclude_none=True), "model": ASR_MODEL_NAME}  # fmt: skip
+            if "noise_reduction" in inp.model_fields_set:
+                echo["noise_reduction"] = None if inp.noise_reduction is None else inp.noise_reduction.model_dump()
+        if audio is not None and audio.output is not None:
+            out = audio.output
+            if out.format is not None:
+                if out.format.type == "audio/pcm" and out.format.sample_rate != OUTPUT_RATE:
+                    raise ProtocolError("invalid_event", "output audio/pcm is 24000 Hz (SNAC's rate)",
+                                        "session.audio.output.format.rate", ev.event_id)  # fmt: skip
+                output_format = out.format.type
+            if out.voice is not None:
+                echo["voice"] = out.voice
+            if out.speed is not None:
+                echo["speed"] = out.speed
         if sess.omnivox is not None:
             o = sess.omnivox
             if o.interrupt_mode is not None:
@@ -423,74 +597,171 @@ class Connection:
                 new["interrupt_phrases"] = tuple(o.interrupt_phrases)
             if o.max_audio_lead_ms is not None:
                 new["max_audio_lead_ms"] = float(o.max_audio_lead_ms)
-            if o.binary_audio is not None:
-                self.binary_audio = o.binary_audio
         try:
             config: SessionConfig = cfg.replace(**new)
         except ValueError as e:
             raise ProtocolError("invalid_event", str(e), "session", ev.event_id) from None
+        # Accepted as a whole: nothing above changes the session before the update is known valid.
+        if sess.instructions is not None:
+            self.instructions = sess.instructions  # Mini-Omni has no system prompt: kept and reported only
+        if sess.omnivox is not None and sess.omnivox.binary_audio is not None:
+            self.binary_audio = sess.omnivox.binary_audio
+        self._echo = echo
+        self.output_format = output_format
         self.session.update(config)
         self._send({"type": "session.updated", "session": self.session_view()})
 
     async def _item_create(self, ev: ItemCreate) -> None:
         item = ev.item
-        if item.role == "system":
-            self.instructions = " ".join(c.text or "" for c in item.content).strip()
+        if item.id is not None and item.id in self._items:
+            raise ProtocolError("item_create_duplicate_item_id", f"Item with id {item.id} already exists",
+                                "item.id", ev.event_id)  # fmt: skip
+        previous = ev.previous_item_id
+        if previous is not None and previous != CONVERSATION_ROOT and previous not in self._items:
+            raise ProtocolError("item_create_invalid_previous_item_id",
+                                f"Previous item with id {previous} not found", "previous_item_id",
+                                ev.event_id)  # fmt: skip
+        if item.role != "user":
+            # Stored and echoed; Mini-Omni answers user turns only (README: conversation items).
+            content = [_stored_part(p) for p in item.content]
+            stored = {"id": item.id or self._new_item_id(), "type": "message", "object": "realtime.item",
+                      "role": item.role, "status": "completed", "content": content}  # fmt: skip
+            self._announce_item(stored, previous)
             return
-        # A user message: images (for the next audio turn), then at most one text or audio part.
+        item_id, echoed = await self._user_content(item, ev.event_id, item.id)
+        if item_id is not None:
+            self._user_item(item_id, echoed, previous)
+
+    async def _user_content(
+        self, item: ItemIn, event_id: str | None, item_id: str | None
+    ) -> tuple[str | None, list[dict[str, Any]]]:
+        """Hand a user message's content to the session: images (for the next audio turn), then
+        at most one text or audio part. Returns the item id the session holds and the echo."""
         echoed: list[dict[str, Any]] = []
-        item_id: str | None = None
         for i, part in enumerate(item.content):
             if part.type != "input_image":
                 continue
             if not self.session.runner.model.takes_images:
-                raise ProtocolError("image_not_supported", NO_IMAGES, f"item.content.{i}", ev.event_id)
+                raise ProtocolError("image_not_supported", NO_IMAGES, f"item.content.{i}", event_id)
             param = f"item.content.{i}.image_url"
-            data = decode_image_url(part.image_url, param, ev.event_id)
+            data = decode_image_url(part.image_url, param, event_id)
             cfg = self.session.config
             try:  # decoded and resized off the event loop
                 pixels = await asyncio.to_thread(image_pixels, data, cfg.max_image_bytes, cfg.max_image_pixels)
             except ImageError as e:
-                raise ProtocolError("invalid_image", str(e), param, ev.event_id) from None
-            item_id = self.session.add_image(pixels)
+                raise ProtocolError("invalid_image", str(e), param, event_id) from None
+            item_id = self.session.add_image(pixels, item_id)
             if item_id is None:
-                return
+                return None, echoed
             echoed.append({"type": "input_image", "detail": part.detail or "auto"})  # the data is not echoed
         others = [(i, p) for i, p in enumerate(item.content) if p.type != "input_image"]
         if len(others) > 1:
             raise ProtocolError("invalid_event", "a message carries at most one text or audio part",
-                                f"item.content.{others[1][0]}", ev.event_id)  # fmt: skip
+                                f"item.content.{others[1][0]}", event_id)  # fmt: skip
         for i, part in others:
             if part.type == "input_text":
                 if not part.text or not part.text.strip():
-                    raise ProtocolError(
-                        "invalid_event", "input_text needs a non-empty text", f"item.content.{i}.text", ev.event_id
-                    )
-                item_id = self.session.add_text(part.text)
+                    raise ProtocolError("invalid_event", "input_text needs a non-empty text",
+                                        f"item.content.{i}.text", event_id)  # fmt: skip
+                item_id = self.session.add_text(part.text, item_id=item_id)
                 echoed.append({"type": "input_text", "text": part.text})
             else:
                 if not part.audio:
                     raise ProtocolError("invalid_event", "input_audio needs audio", f"item.content.{i}.audio",
-                                        ev.event_id)  # fmt: skip
-                pcm = decode_audio(part.audio, ev.event_id)
-                item_id = await asyncio.to_thread(self.session.add_audio, pcm)
+                                        event_id)  # fmt: skip
+                data = decode_audio(part.audio, event_id, even=self.session.config.input_format == "audio/pcm")
+                item_id = await asyncio.to_thread(self.session.add_audio, data, item_id)
                 if item_id is None:
-                    return
-                echoed.append({"type": "input_audio", "transcript": None})
-        if item_id is not None:
-            self._user_item(item_id, echoed)
+                    return None, echoed
+                echoed.append({"type": "input_audio", "transcript": part.transcript})
+        return item_id, echoed
+
+    async def _response_create(self, ev: ResponseCreate) -> None:
+        s = self.session
+        r = ev.response
+        if s.response is not None:  # checked first: nothing of this request may touch the session
+            raise ProtocolError("conversation_already_has_active_response",
+                                f"Conversation already has an active response in progress: "
+                                f"{s.response.response_id}. Wait until the response is finished before "
+                                "creating a new one.", None, ev.event_id)  # fmt: skip
+        modalities = tuple(r.output_modalities) if r and r.output_modalities else None
+        max_tokens = r.max_output_tokens if r else None
+        max_new = None if max_tokens is None or max_tokens == "inf" else int(max_tokens)
+        item_id: str | None
+        if r is not None and r.input is not None:
+            item_id = await self._response_input(r.input, ev.event_id)
+        else:
+            item_id = self._answerable_item()
+        if item_id is None and r is not None and r.instructions and r.instructions.strip():
+            # Nothing to answer but instructions (e.g. "greet the user"): Mini-Omni answers them as text.
+            item_id = s.add_text(r.instructions.strip(), item_id=self._new_item_id())
+        if item_id is None:
+            raise ProtocolError("invalid_request",
+                                "there is no user input to respond to: Mini-Omni answers a user message "
+                                "(audio or text) or the response's instructions", "response", ev.event_id)  # fmt: skip
+        in_conversation = r is None or r.conversation != "none"
+        metadata = r.metadata if r is not None else None
+        response_id = s.create_response(modalities, item_id=item_id, max_new_tokens=max_new)
+        if response_id is not None:
+            self._response_options[response_id] = _ResponseOptions(metadata, in_conversation)
+
+    async def _response_input(self, items: list[InputMessage | ItemReference], event_id: str | None) -> str | None:
+        """response.input: the latest user message of it is what Mini-Omni answers."""
+        for i in range(len(items) - 1, -1, -1):
+            entry = items[i]
+            if isinstance(entry, ItemReference):
+                ref = self._items.get(entry.id)
+                if ref is None:
+                    raise ProtocolError("invalid_event", f"no conversation item {entry.id!r}",
+                                        f"response.input.{i}.id", event_id)  # fmt: skip
+                if ref["role"] == "user" and self.session.has_input(entry.id):
+                    return entry.id
+            elif entry.role == "user":
+                item_id, _ = await self._user_content(entry, event_id, self._new_item_id())
+                return item_id
+        return None
+
+    def _new_item_id(self) -> str:
+        return f"item_{self.session_id[-8:]}{next(self._ids):06d}"
 
     def _truncate(self, ev: ItemTruncate) -> None:
         st = self._assistant_items.get(ev.item_id)
         if st is None:
-            active = next((r for r in self._responses.values() if r.item_id == ev.item_id), None)
-            if active is None:
-                raise ProtocolError("invalid_event", f"no assistant item {ev.item_id!r}", "item_id", ev.event_id)
-            st = active
+            st = next((r for r in self._responses.values() if r.item_id == ev.item_id), None)
+            if st is None:
+                raise ProtocolError("item_truncate_invalid_item_id", f"no assistant audio item {ev.item_id!r}",
+                                    "item_id", ev.event_id)  # fmt: skip
         if st.audio_ms > 0 and ev.audio_end_ms < st.audio_ms:
             # The text runs ahead of the audio; keep the share of it the user heard.
             keep = int(len(st.transcript) * ev.audio_end_ms / st.audio_ms)
             st.transcript = st.transcript[:keep]
+            stored = self._items.get(ev.item_id)
+            if stored is not None and stored["content"]:
+                stored["content"][0]["transcript"] = st.transcript
         self.session.report_playback(ev.audio_end_ms)
         self._send({"type": "conversation.item.truncated", "item_id": ev.item_id, "content_index": ev.content_index,
                     "audio_end_ms": ev.audio_end_ms})  # fmt: skip
+
+
+def _format_view(fmt: str, rate: int) -> dict[str, Any]:
+    return {"type": fmt, "rate": rate} if fmt == "audio/pcm" else {"type": fmt}
+
+
+def _turn_detection(td: ServerVadIn | SemanticVadIn | None) -> TurnDetection | None:
+    if td is None:
+        return None
+    if isinstance(td, SemanticVadIn):
+        return TurnDetection(type="semantic_vad", eagerness=td.eagerness, create_response=td.create_response,
+                             interrupt_response=td.interrupt_response)  # fmt: skip
+    return TurnDetection(threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
+                         silence_duration_ms=td.silence_duration_ms, idle_timeout_ms=td.idle_timeout_ms,
+                         create_response=td.create_response, interrupt_response=td.interrupt_response)  # fmt: skip
+
+
+def _stored_part(part: ContentIn) -> dict[str, Any]:
+    """A system/assistant message part as the conversation keeps it (no audio bytes)."""
+    if part.type in ("output_text", "text"):
+        return {"type": "output_text", "text": part.text or ""}
+    if part.type == "output_audio":
+        return {"type": "output_audio", "transcript": part.transcript or ""}
+    return {"type": "input_text", "text": part.text or ""}

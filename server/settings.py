@@ -24,6 +24,7 @@ class ServerSettings(BaseSettings):
     send_buffer_events: int = Field(512, ge=16)  # a client this many events behind is disconnected
     max_new_tokens: int | None = None
     interrupt_detector: bool = True  # load the faster-whisper command detector
+    turn_model: bool = True  # load the Smart Turn end-of-turn model that semantic_vad uses
     web_dir: Path | None = None  # default: clients/web of this checkout
     shutdown_timeout_s: float = Field(5.0, ge=0.1)
     log_level: str = "info"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import soxr
+
+from .g711 import FORMATS
 
 MODEL_RATE = 16000
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
@@ -19,6 +23,20 @@ def decode_pcm16(data: bytes) -> np.ndarray:
     if len(data) > MAX_CHUNK_BYTES:
         raise InvalidAudio(f"audio chunk of {len(data)} bytes is larger than {MAX_CHUNK_BYTES}")
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def input_decoder(fmt: str) -> Callable[[bytes], np.ndarray]:
+    """Wire bytes of an input format ("audio/pcm", "audio/pcmu", "audio/pcma") -> float audio."""
+    if fmt == "audio/pcm":
+        return decode_pcm16
+    decode = FORMATS[fmt][0]
+
+    def decode_g711(data: bytes) -> np.ndarray:
+        if len(data) > MAX_CHUNK_BYTES:
+            raise InvalidAudio(f"audio chunk of {len(data)} bytes is larger than {MAX_CHUNK_BYTES}")
+        return decode(data)
+
+    return decode_g711
 
 
 class InputResampler:

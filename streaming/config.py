@@ -10,19 +10,47 @@ from model.decoding import SamplingConfig
 from model.vision import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 INPUT_SAMPLE_RATES = (16000, 24000)
+INPUT_FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")  # PCM16 at 16/24 kHz; G.711 mu-law/A-law at 8 kHz
+G711_RATE = 8000
+
+# semantic_vad: how long an utterance the end-of-turn model calls incomplete may pause (OpenAI's limits).
+EAGERNESS_MAX_WAIT_MS = {"low": 8000, "medium": 4000, "high": 2000, "auto": 4000}
 
 
 @dataclass(frozen=True)
 class TurnDetection:
-    """OpenAI Realtime `server_vad` parameters."""
+    """OpenAI Realtime `server_vad` / `semantic_vad` parameters.
 
+    semantic_vad: once the VAD has heard `semantic_silence_ms` of silence, the end-of-turn
+    model scores the turn so far; a complete utterance ends there, an incomplete one may
+    pause up to the eagerness limit. The VAD threshold and padding stay at their defaults."""
+
+    type: str = "server_vad"
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
+    idle_timeout_ms: int | None = None  # server_vad: answer anyway after this long without speech
     create_response: bool = True
     interrupt_response: bool = True
+    eagerness: str = "auto"
+    semantic_silence_ms: int = 250
+    semantic_threshold: float = 0.5  # p(complete) at or above this ends the turn
+
+    @property
+    def semantic(self) -> bool:
+        return self.type == "semantic_vad"
+
+    @property
+    def max_wait_ms(self) -> int:
+        return EAGERNESS_MAX_WAIT_MS[self.eagerness]
 
     def __post_init__(self) -> None:
+        if self.type not in ("server_vad", "semantic_vad"):
+            raise ValueError(f"turn detection type must be server_vad or semantic_vad, got {self.type!r}")
+        if self.eagerness not in EAGERNESS_MAX_WAIT_MS:
+            raise ValueError(f"eagerness must be one of {', '.join(EAGERNESS_MAX_WAIT_MS)}, got {self.eagerness!r}")
+        if self.idle_timeout_ms is not None and not 5000 <= self.idle_timeout_ms <= 30000:
+            raise ValueError(f"idle_timeout_ms must be in [5000, 30000], got {self.idle_timeout_ms}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0 <= self.prefix_padding_ms <= 5000:
@@ -42,7 +70,8 @@ DEFAULT_INTERRUPT_PHRASES = ("stop omni", "omni stop", "stop")
 
 @dataclass(frozen=True)
 class SessionConfig:
-    input_sample_rate: int = 24000
+    input_format: str = "audio/pcm"
+    input_sample_rate: int = 24000  # audio/pcm: 16000 or 24000; G.711 formats are 8000
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None = push-to-talk
     output_modalities: tuple[str, ...] = ("audio",)
     interrupt_mode: InterruptMode = InterruptMode.COMMAND
@@ -60,8 +89,11 @@ class SessionConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS  # decoded width x height
 
     def __post_init__(self) -> None:
-        if self.input_sample_rate not in INPUT_SAMPLE_RATES:
-            raise ValueError(f"input sample rate must be one of {INPUT_SAMPLE_RATES}, got {self.input_sample_rate}")
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        rates = INPUT_SAMPLE_RATES if self.input_format == "audio/pcm" else (G711_RATE,)
+        if self.input_sample_rate not in rates:
+            raise ValueError(f"{self.input_format} input takes a sample rate of {rates}, got {self.input_sample_rate}")
         if not set(self.output_modalities) <= {"audio", "text"} or not self.output_modalities:
             raise ValueError(f"output_modalities must be ['audio'] or ['text'], got {list(self.output_modalities)}")
         if (

@@ -28,6 +28,9 @@ from .runner import ModelRunner, ResponseHandle, ResponseRequest
 log = logging.getLogger(__name__)
 
 
+ASR_MODEL_NAME = "faster-whisper-tiny.en"  # what session.audio.input.transcription.model reports
+
+
 class SpeechRecognizer(Protocol):
     def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
         """16 kHz mono float audio -> text."""
@@ -88,7 +91,7 @@ def bias_prompt(phrases: Sequence[str]) -> str:
 class _Job:
     audio: np.ndarray
     prompt: str | None
-    callback: Callable[[str], None]
+    callback: Callable[[str | None], None]
 
 
 class RecognizerWorker:
@@ -100,7 +103,7 @@ class RecognizerWorker:
         self._thread = threading.Thread(target=self._run, name="omnivox-asr", daemon=True)
         self._thread.start()
 
-    def submit(self, audio: np.ndarray, prompt: str | None, callback: Callable[[str], None], wait: bool) -> bool:
+    def submit(self, audio: np.ndarray, prompt: str | None, callback: Callable[[str | None], None], wait: bool) -> bool:
         """Queue a transcription; `wait=False` (partial checks) gives up when the queue is full."""
         try:
             self._jobs.put(_Job(audio, prompt, callback), block=wait, timeout=2.0 if wait else None)
@@ -110,11 +113,12 @@ class RecognizerWorker:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            text: str | None
             try:
                 text = self.recognizer.transcribe(job.audio, job.prompt)
             except Exception:
                 log.exception("speech recognition failed")
-                text = ""
+                text = None
             try:
                 job.callback(text)
             except Exception:

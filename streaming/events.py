@@ -39,6 +39,17 @@ class InputCleared(Event):
 class InputTranscript(Event):
     item_id: str
     transcript: str
+    audio_ms: int = 0  # length of the transcribed audio
+    failed: bool = False  # the recognizer could not transcribe it (queue full, or it raised)
+
+
+@dataclass(frozen=True)
+class InputTimeout(Event):
+    """idle_timeout_ms passed without speech: the silence became user item `item_id`."""
+
+    item_id: str
+    audio_start_ms: int
+    audio_end_ms: int
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from model.audio import MAX_INPUT_SECONDS
 from model.prompts import Task
 from model.vision import NO_IMAGES, ImageError, image_pixels, preprocess
 
-from .audio_in import MODEL_RATE, AudioHistory, InputResampler, InvalidAudio, decode_pcm16
+from .audio_in import MODEL_RATE, AudioHistory, InputResampler, InvalidAudio, input_decoder
 from .config import InterruptMode, SessionConfig
 from .detector import RecognizerWorker, bias_prompt, match_phrase
 from .events import (
@@ -32,6 +34,7 @@ from .events import (
     Event,
     InputCleared,
     InputCommitted,
+    InputTimeout,
     InputTranscript,
     Interrupted,
     ResponseCreated,
@@ -44,10 +47,14 @@ from .events import (
 from .runner import ModelRunner, ResponseHandle, ResponseRequest
 from .vad import WINDOW, SileroVAD, TurnDetector, VadEdge
 
+if TYPE_CHECKING:
+    from .semantic_turn import SmartTurn
+
 log = logging.getLogger(__name__)
 
 MAX_TURN_SAMPLES = int(MAX_INPUT_SECONDS * MODEL_RATE)
 COMMAND_CHECK_EVERY = int(0.32 * MODEL_RATE)  # re-check a growing command segment this often
+MAX_REMEMBERED_INPUTS = 8  # user items a response may still answer (audio up to 30 s each)
 
 
 def ms(samples: int) -> int:
@@ -72,12 +79,14 @@ class Session:
         vad: SileroVAD,
         recognizer: RecognizerWorker | None = None,
         config: SessionConfig | None = None,
+        turn_model: SmartTurn | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_events: int = 4096,
     ) -> None:
         self.runner = runner
         self.vad = vad
         self.recognizer = recognizer
+        self.turn_model = turn_model
         self.clock = clock
         self.config = config or SessionConfig()
         self._lock = threading.RLock()
@@ -91,18 +100,21 @@ class Session:
         self._speech_end_at: float | None = None  # clock time the user's turn ended, for ttfa
         self._ttfa_ms: float | None = None
         self._barge: _Barge | None = None
-        self._last_item: tuple[str, np.ndarray | None, str | None] | None = None  # what a response answers
+        self._interrupted_segment = 0  # the barge-in segment that already interrupted (one per utterance)
+        self._inputs: OrderedDict[str, tuple[np.ndarray | None, str | None]] = OrderedDict()  # what responses answer
+        self._idle_from: float | None = None  # idle_timeout_ms counts from this clock time
         self._pending_image: torch.Tensor | None = None  # CLIP pixels for the next audio turn
         self._last_response_id = ""
         self._response_text = ""  # transcript forwarded so far for the current response
-        self.closed = False
 
     # ---------------- configuration ----------------
 
     def _reset_input(self) -> None:
         self._resampler = InputResampler(self.config.input_sample_rate)
+        self._decode = input_decoder(self.config.input_format)
         self._vad_stream = self.vad.stream()
-        self._turns = TurnDetector(self.config.turn_detection) if self.config.turn_detection else None
+        td = self.config.turn_detection
+        self._turns = TurnDetector(td, self._score_turn) if td else None
         self._history = AudioHistory(MAX_TURN_SAMPLES + 10 * MODEL_RATE)
         self._pending = np.zeros(0, np.float32)  # 16 kHz samples not yet seen by the VAD
         self._turn_start: int | None = None  # absolute sample where the open user turn begins
@@ -111,7 +123,10 @@ class Session:
 
     def update(self, config: SessionConfig) -> None:
         with self._lock:
-            rate_changed = config.input_sample_rate != self.config.input_sample_rate
+            rate_changed = (config.input_sample_rate, config.input_format) != (
+                self.config.input_sample_rate,
+                self.config.input_format,
+            )
             vad_changed = config.turn_detection != self.config.turn_detection
             self.config = config
             if rate_changed or vad_changed:
@@ -137,6 +152,7 @@ class Session:
                     out.append(self._events.get_nowait())
                 except queue.Empty:
                     break
+            self._check_idle(out)
             h = self.response
             taken = len(out)
             if h is not None:
@@ -170,7 +186,31 @@ class Session:
             timings["ttfa_ms"] = round(self._ttfa_ms, 2) if self._ttfa_ms is not None else None
             ev = replace(ev, timings=timings)
             self.response = None
+            self._idle_from = max(now, self._playback_until)
         return ev
+
+    def _check_idle(self, out: list[Event]) -> None:
+        """server_vad idle_timeout_ms: no speech for that long after the last answer finished
+        playing -> the silence is committed as a user turn and answered (as OpenAI does)."""
+        td = self.config.turn_detection
+        if td is None or td.idle_timeout_ms is None or self._idle_from is None:
+            return
+        if self.response is not None or self._turn_start is not None or self._barge is not None:
+            return
+        now = self.clock()
+        if now - self._idle_from < td.idle_timeout_ms / 1000:
+            return
+        self._idle_from = None
+        end = self._history.end
+        start = max(self._history.start, self._buffer_start, end - td.idle_timeout_ms * MODEL_RATE // 1000)
+        item = self._new_id("item")
+        out.append(InputTimeout(item, ms(start), ms(end)))
+        self._commit_audio(item, self._history.slice(start, end), respond=td.create_response)
+        while True:  # what _commit_audio emitted follows the timeout event
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                break
 
     @property
     def assistant_speaking(self) -> bool:
@@ -180,9 +220,9 @@ class Session:
     # ---------------- input audio ----------------
 
     def append_audio(self, pcm: bytes) -> None:
-        """PCM16 mono at the configured input rate, any chunk size."""
+        """Mono audio in the configured input format (PCM16 or G.711) and rate, any chunk size."""
         try:
-            audio = decode_pcm16(pcm)
+            audio = self._decode(pcm)
         except InvalidAudio as e:
             self._emit(SessionError("invalid_audio", str(e)))
             return
@@ -209,13 +249,25 @@ class Session:
         if edge is None:
             return
         if edge.kind == "start":
+            self._idle_from = None
             if self.assistant_speaking and self._barge_applies():
                 self._start_barge(edge.sample)
                 return
             self._open_turn(edge.sample)
         elif self._turn_start is not None:
             self._emit(SpeechStopped(self._turn_item or "", ms(edge.sample)))
-            self._commit_turn(self._turn_start, edge.sample)
+            self._commit_turn(self._turn_start, edge.sample, respond=self._turns.cfg.create_response)
+
+    def _score_turn(self, end: int) -> float | None:
+        """semantic_vad: p(complete) of the open turn up to `end` (runs on the caller's worker thread)."""
+        if self.turn_model is None or self._turn_start is None:
+            return None
+        audio = self._history.slice(self._turn_start, end)
+        t0 = time.perf_counter()
+        p = self.turn_model.probability(audio)
+        log.debug("end-of-turn model: p(complete)=%.3f on %d ms in %.0f ms", p, ms(audio.size),
+                  (time.perf_counter() - t0) * 1000)  # fmt: skip
+        return p
 
     def _barge_applies(self) -> bool:
         td = self.config.turn_detection
@@ -234,31 +286,53 @@ class Session:
         cut = start + MAX_TURN_SAMPLES
         self._emit(SessionError("input_too_long", "the turn reached the model's 30 s window: committed at the limit"))
         if self._turns is not None:
-            self._commit_turn(start, cut, truncated=True)
+            self._commit_turn(start, cut, truncated=True, respond=self._turns.cfg.create_response)
             # The speech goes on: what follows is a new turn.
             self._turn_item = self._new_id("item")
             self._turn_start = cut
             self._emit(SpeechStarted(self._turn_item, ms(cut)))
         else:
-            self._commit_audio(self._new_id("item"), self._history.slice(start, cut), truncated=True)
+            self._commit_audio(self._new_id("item"), self._history.slice(start, cut), truncated=True, respond=False)
             self._buffer_start = cut
 
-    def _commit_turn(self, start: int, end: int, truncated: bool = False) -> None:
+    def _commit_turn(self, start: int, end: int, respond: bool, truncated: bool = False) -> None:
         item = self._turn_item or self._new_id("item")
         self._turn_start = None
         self._turn_item = None
-        self._commit_audio(item, self._history.slice(start, end), truncated)
+        self._commit_audio(item, self._history.slice(start, end), truncated, respond)
 
-    def _commit_audio(self, item: str, audio: np.ndarray, truncated: bool = False) -> None:
+    def _commit_audio(self, item: str, audio: np.ndarray, truncated: bool = False, respond: bool = False) -> None:
+        """A user audio item; answered at once only when turn detection ended it with create_response
+        (as OpenAI: a client's commit, or create_response false, waits for response.create)."""
         self._emit(InputCommitted(item, ms(audio.size), truncated))
         self._speech_end_at = self.clock()
+        self._remember(item, audio, None)
         if self.config.transcribe_input and self.recognizer is not None:
-            self.recognizer.submit(audio, None, lambda text: self._emit(InputTranscript(item, text)), wait=False)
-        td = self.config.turn_detection
-        if td is None or td.create_response:
-            self._start_response(item, audio=audio)
-        else:
-            self._last_item = (item, audio, None)
+            self._transcribe(item, audio)
+        if respond:
+            self._start_response(item)
+
+    def _transcribe(self, item: str, audio: np.ndarray) -> None:
+        def on_text(text: str | None) -> None:
+            self._emit(InputTranscript(item, text or "", ms(audio.size), failed=text is None))
+
+        assert self.recognizer is not None
+        if not self.recognizer.submit(audio, None, on_text, wait=False):
+            self._emit(InputTranscript(item, "", ms(audio.size), failed=True))
+
+    def _remember(self, item: str, audio: np.ndarray | None, text: str | None) -> None:
+        self._inputs[item] = (audio, text)
+        self._inputs.move_to_end(item)
+        while len(self._inputs) > MAX_REMEMBERED_INPUTS:
+            self._inputs.popitem(last=False)
+
+    def forget(self, item: str) -> None:
+        """A user item was deleted from the conversation: it is answered no more."""
+        with self._lock:
+            self._inputs.pop(item, None)
+
+    def has_input(self, item: str) -> bool:
+        return item in self._inputs
 
     def commit(self) -> None:
         """End the user turn now (push-to-talk, or forcing the end with server VAD)."""
@@ -270,7 +344,7 @@ class Session:
                 return
             if self._turns is not None:
                 self._turns.reset()
-                self._commit_turn(start, end)
+                self._commit_turn(start, end, respond=False)
             else:
                 self._buffer_start = end
                 self._commit_audio(self._new_id("item"), self._history.slice(start, end))
@@ -284,10 +358,10 @@ class Session:
                 self._turns.reset()
             self._emit(InputCleared())
 
-    def add_audio(self, pcm: bytes) -> str | None:
-        """A whole user audio message (PCM16 at the input rate), outside the VAD stream."""
+    def add_audio(self, pcm: bytes, item_id: str | None = None) -> str | None:
+        """A whole user audio message (in the input format and rate), outside the VAD stream."""
         try:
-            audio = decode_pcm16(pcm)
+            audio = self._decode(pcm)
         except InvalidAudio as e:
             self._emit(SessionError("invalid_audio", str(e)))
             return None
@@ -300,8 +374,8 @@ class Session:
             if audio16.size > MAX_TURN_SAMPLES:
                 self._emit(SessionError("input_too_long", "audio message longer than 30 s: cut at the limit"))
                 audio16 = audio16[:MAX_TURN_SAMPLES]
-            item = self._new_id("item")
-            self._last_item = (item, audio16, None)
+            item = item_id or self._new_id("item")
+            self._remember(item, audio16, None)
             return item
 
     def report_playback(self, played_ms: float) -> None:
@@ -316,7 +390,7 @@ class Session:
 
     # ---------------- text turns and responses ----------------
 
-    def add_image(self, image: bytes | object) -> str | None:
+    def add_image(self, image: bytes | object, item_id: str | None = None) -> str | None:
         """A user image (PNG/JPEG/WebP bytes, a PIL image from model.vision.decode_image, or
         its model.vision.preprocess pixels): the next audio turn is answered about it
         (Mini-Omni2's image task; one image per turn, a newer image replaces a pending one).
@@ -334,40 +408,50 @@ class Session:
             image = preprocess(image)
         with self._lock:
             self._pending_image = image
-            return self._new_id("item")
+            return item_id or self._new_id("item")
 
     @property
     def image_pending(self) -> bool:
         return self._pending_image is not None
 
-    def add_text(self, text: str, create_response: bool = False) -> str:
+    def add_text(self, text: str, create_response: bool = False, item_id: str | None = None) -> str:
         with self._lock:
-            item = self._new_id("item")
-            self._last_item = (item, None, text)
+            item = item_id or self._new_id("item")
+            self._remember(item, None, text)
             if create_response:
-                self._start_response(item, text=text)
+                self._start_response(item)
             return item
 
-    def create_response(self, output_modalities: tuple[str, ...] | None = None) -> str | None:
-        """Answer the last user item (a committed turn or a text message)."""
+    def create_response(
+        self,
+        output_modalities: tuple[str, ...] | None = None,
+        item_id: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> str | None:
+        """Answer a user item (by default the latest: a committed turn or a message)."""
         with self._lock:
-            last = self._last_item
-            if last is None:
+            if item_id is None and self._inputs:
+                item_id = next(reversed(self._inputs))
+            if item_id is None or item_id not in self._inputs:
                 self._emit(SessionError("invalid_request", "there is no user input to respond to"))
                 return None
-            item, audio, text = last
-            return self._start_response(item, audio=audio, text=text, output_modalities=output_modalities)
+            return self._start_response(item_id, output_modalities, max_new_tokens)
 
     def _start_response(
         self,
         item: str,
-        audio: np.ndarray | None = None,
-        text: str | None = None,
         output_modalities: tuple[str, ...] | None = None,
+        max_new_tokens: int | None = None,
     ) -> str | None:
-        self._last_item = (item, audio, text)
+        audio, text = self._inputs[item]
         if self.response is not None:
-            self._emit(SessionError("response_in_progress", "a response is already in progress; cancel it first"))
+            self._emit(
+                SessionError(
+                    "conversation_already_has_active_response",
+                    f"Conversation already has an active response in progress: {self.response.response_id}. "
+                    "Wait until the response is finished before creating a new one.",
+                )
+            )
             return None
         modalities = output_modalities or self.config.output_modalities
         audio_out = "audio" in modalities
@@ -388,7 +472,7 @@ class Session:
             image=image,
             audio_output=audio_out,
             sampling=cfg.sampling,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else cfg.max_new_tokens,
             chunk_frames=cfg.chunk_frames,
             max_chunk_frames=cfg.max_chunk_frames,
             left_context_frames=cfg.left_context_frames,
@@ -407,6 +491,7 @@ class Session:
         self._ttfa_ms = None
         self._response_audio_ms = 0.0
         self._response_text = ""
+        self._idle_from = None
         self._emit(ResponseCreated(response_id, handle.item_id, task.value, audio_out=task.audio_out and audio_out))
         return response_id
 
@@ -474,15 +559,23 @@ class Session:
             return
         segment = b.segment
         phrases = self.config.interrupt_phrases
+        # The verdict concerns the answer playing now; a later answer is not its to cancel.
+        asked_about = self.response.response_id if self.response is not None else self._last_response_id
 
-        def on_text(text: str) -> None:
-            phrase = match_phrase(text, phrases)
+        def on_text(text: str | None) -> None:
+            phrase = match_phrase(text or "", phrases)
             log.debug("barge-in segment %d heard %r -> %s", segment, text, phrase)
             if phrase is None:
                 return
             with self._lock:
                 if self._barge is not None and self._barge.segment == segment:
                     self._barge.matched = phrase
+                if self._interrupted_segment >= segment:
+                    return  # this utterance already interrupted (an earlier check of it matched)
+                current = self.response.response_id if self.response is not None else self._last_response_id
+                if current != asked_about or not self.assistant_speaking:
+                    return
+                self._interrupted_segment = segment
                 self._interrupt(phrase, end)
 
         self.recognizer.submit(audio, bias_prompt(phrases), on_text, wait=final)
@@ -505,4 +598,3 @@ class Session:
     def close(self) -> None:
         with self._lock:
             self._cancel("client_cancelled")
-            self.closed = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,35 +63,71 @@ class VadEdge:
     sample: int  # absolute 16 kHz sample index of the edge
 
 
+# Scores the turn up to a sample (now, a short silence after the speech): p(the utterance is complete),
+# or None when no turn is open or no end-of-turn model is loaded.
+TurnScorer = Callable[[int], "float | None"]
+
+
 class TurnDetector:
     """Speech starts at the first window with p >= threshold; it stops once p has stayed
     below threshold - 0.15 (silero's hysteresis) for silence_duration_ms. The stop edge is
-    placed where the silence began."""
+    placed where the silence began.
 
-    def __init__(self, cfg: TurnDetection) -> None:
+    semantic_vad: after `semantic_silence_ms` of silence, `scorer` (the end-of-turn model)
+    decides: complete -> the turn ends there; incomplete -> the pause may last up to the
+    eagerness limit. Without a score, the server_vad default (500 ms) applies."""
+
+    FALLBACK_SILENCE_MS = 500
+
+    def __init__(self, cfg: TurnDetection, scorer: TurnScorer | None = None) -> None:
         self.cfg = cfg
+        self.scorer = scorer
         self.speaking = False
         self.silence_start: int | None = None
+        self._limit_ms: int | None = None  # semantic: the silence that ends this pause, once scored
+        self.last_score: float | None = None
 
     def reset(self) -> None:
         self.speaking = False
         self.silence_start = None
+        self._limit_ms = None
+
+    def _silence_limit_ms(self, silent_ms: float, now: int) -> int:
+        cfg = self.cfg
+        if not cfg.semantic:
+            return cfg.silence_duration_ms
+        if self._limit_ms is None:
+            if silent_ms < cfg.semantic_silence_ms:
+                return cfg.semantic_silence_ms
+            # Scored once, with the short silence included (what Smart Turn is trained on): more
+            # silence drifts every utterance towards "complete".
+            p = self.scorer(now) if self.scorer is not None else None
+            self.last_score = p
+            if p is None:
+                self._limit_ms = self.FALLBACK_SILENCE_MS
+            else:
+                self._limit_ms = cfg.semantic_silence_ms if p >= cfg.semantic_threshold else cfg.max_wait_ms
+        return self._limit_ms
 
     def update(self, prob: float, window_start: int) -> VadEdge | None:
         if not self.speaking:
             if prob >= self.cfg.threshold:
                 self.speaking = True
                 self.silence_start = None
+                self._limit_ms = None
                 return VadEdge("start", window_start)
             return None
         if prob >= self.cfg.threshold - 0.15:
             self.silence_start = None
+            self._limit_ms = None
             return None
         if self.silence_start is None:
             self.silence_start = window_start
-        if window_start + WINDOW - self.silence_start >= self.cfg.silence_duration_ms * RATE // 1000:
+        silent_ms = (window_start + WINDOW - self.silence_start) * 1000 / RATE
+        if silent_ms >= self._silence_limit_ms(silent_ms, window_start + WINDOW):
             self.speaking = False
             edge = VadEdge("stop", self.silence_start)
             self.silence_start = None
+            self._limit_ms = None
             return edge
         return None

@@ -141,7 +141,10 @@ def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert main(["bench", "latency", "--checkpoint-dir", str(tiny_ckpt), "--runs", "1", "--max-new-tokens", "30",
                  "--json", str(out)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
-    (run,) = doc["runs"]
-    assert run["ttfa_ms"] > run["vad_hangover_ms"] >= 400  # the 500 ms silence window, less decay
-    assert run["barge_in_detected"] is True
+    server, semantic = doc["runs"]  # side by side, the same question
+    assert server["turn_detection"] == "server_vad" and semantic["turn_detection"] == "semantic_vad"
+    assert server["ttfa_ms"] > server["vad_hangover_ms"] >= 400  # the 500 ms silence window, less decay
+    assert semantic["ttfa_ms"] > semantic["vad_hangover_ms"] > 0
+    assert server["barge_in_detected"] is True
+    assert set(doc["median"]) == {"server_vad", "semantic_vad"}
     assert {"cpu_model", "cores", "torch"} <= set(doc["machine"])

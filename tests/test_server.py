@@ -20,6 +20,7 @@ from server.serve import build_engine, start_in_thread
 from server.settings import ServerSettings
 
 from .conftest import fixture_audio
+from .openai_events import check_server_event
 
 
 def b64pcm(audio: np.ndarray) -> str:
@@ -58,11 +59,16 @@ def server(tiny_ckpt: Path) -> Iterator[Running]:
 
 
 class Client:
+    """A raw WebSocket client that checks every event it receives against openai's types."""
+
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.events: list[dict[str, Any]] = []
+        self.extensions = False  # set once this client sent an `omnivox` session option
 
     def send(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "session.update" and "omnivox" in (event.get("session") or {}):
+            self.extensions = True
         self.ws.send(json.dumps(event))
 
     def recv_until(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> list[dict[str, Any]]:
@@ -73,7 +79,11 @@ class Client:
                 msg = self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
             except TimeoutError:
                 break
-            ev = json.loads(msg) if isinstance(msg, str) else {"type": "binary", "data": msg}
+            if isinstance(msg, str):
+                ev = json.loads(msg)
+                check_server_event(ev, self.extensions)
+            else:
+                ev = {"type": "binary", "data": msg}
             got.append(ev)
             self.events.append(ev)
             if pred(ev):
@@ -124,14 +134,14 @@ def test_scripted_conversation(server: Running) -> None:
     c = open_client(server)
     created = c.events[0]["session"]
     assert created["model"] == "mini-omni-random-tiny" and created["omnivox"]["demo_checkpoint"] is False
-    upd = c.update(**INPUT_16K)
+    upd = c.update(**INPUT_16K, omnivox={})  # omnivox: response.done carries our timings
     assert upd["type"] == "session.updated" and upd["session"]["audio"]["input"]["format"]["rate"] == 16000
     c.speak(np.concatenate([silence(0.4), fixture_audio("question"), silence(1.0)]))
     events = c.recv_until(is_done)
     order = types(events)
     expected_start = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                       "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done",
-                      "response.created", "conversation.item.added", "response.output_item.added",
+                      "response.created", "response.output_item.added", "conversation.item.added",
                       "response.content_part.added"]  # fmt: skip
     assert order[: len(expected_start)] == expected_start
     assert "response.output_audio.delta" in order and "response.output_audio_transcript.delta" in order
@@ -165,6 +175,7 @@ def test_audio_deltas_equal_the_engine(server: Running, tiny_model) -> None:
     q = fixture_audio("question")
     c.speak(q)
     c.send({"type": "input_audio_buffer.commit"})
+    c.send({"type": "response.create"})  # as OpenAI: a commit alone starts no response
     events = c.recv_until(is_done)
     pcm = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
     got = np.frombuffer(pcm, dtype="<i2").astype(np.int32)
@@ -194,10 +205,14 @@ def test_barge_in_stop_omni(server: Running) -> None:
     done = events[-1]["response"]
     assert done["status"] == "cancelled" and done["status_details"]["reason"] == "turn_detected"
     assert "response.output_audio.delta" not in names[i:]
-    time.sleep(0.5)
+    time.sleep(1.5)  # the utterance's later command checks have had time to answer
     c.send({"type": "input_audio_buffer.clear"})  # the session lives on
     after = c.recv_until(lambda e: e["type"] == "input_audio_buffer.cleared")
     assert not any(e["type"] == "response.output_audio.delta" for e in after)
+    # One utterance: one speech_started and one interrupt, nothing more about the response.
+    heard = names[names.index("response.output_audio.delta") :] + [e["type"] for e in after]
+    assert heard.count("input_audio_buffer.speech_started") == 1 and heard.count("omnivox.interrupt") == 1
+    assert not any(e.get("response_id") == rid for e in after)
     c.ws.close()
 
 
@@ -221,6 +236,7 @@ def test_binary_audio_mode(server: Running) -> None:
     q = np.clip(np.round(fixture_audio("question") * 32768), -32768, 32767).astype("<i2").tobytes()
     c.ws.send(q)
     c.send({"type": "input_audio_buffer.commit"})
+    c.send({"type": "response.create"})
     events = c.recv_until(is_done)
     frames = [e["data"] for e in events if e["type"] == "binary"]
     assert frames
@@ -257,9 +273,24 @@ def test_text_turn_and_text_output(server: Running) -> None:
         (json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}}), "invalid_event",
          "session.output_modalities.0"),
         (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 8000}}}}}),
-         "invalid_event", "session.audio.input.format.rate"),
+         "invalid_event", "session.audio.input.format"),
         (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty", None),
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active", None),
+        (json.dumps({"type": "conversation.item.retrieve", "item_id": "nope", "event_id": "rci_nope"}),
+         "item_retrieve_invalid_item_id", "item_id"),
+        (json.dumps({"type": "conversation.item.delete", "item_id": "nope"}), "item_delete_invalid_item_id", "item_id"),
+        (json.dumps({"type": "conversation.item.create", "previous_item_id": "nope", "item": {"type": "message",
+         "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}), "item_create_invalid_previous_item_id",
+         "previous_item_id"),
+        (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "assistant",
+         "content": [{"type": "input_audio", "audio": ""}]}}), "invalid_event", "item"),
+        (json.dumps({"type": "response.create", "event_id": "e4"}), "invalid_request", "response"),
+        (json.dumps({"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 5}),
+         "item_truncate_invalid_item_id", "item_id"),
+        ("[" * 5000 + "]" * 5000, "invalid_json", None),
+        ('{"a":' * 5000 + "1" + "}" * 5000, "invalid_json", None),
+        ('{"type": "input_audio_buffer.commit", "x": ' + "9" * 5000 + "}", "invalid_json", None),
+        (json.dumps({"type": "omnivox.playback", "item_id": "x", "played_ms": 1e400}), "invalid_json", None),
         (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
          "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}}), "image_not_supported",
          "item.content.0"),
@@ -272,7 +303,10 @@ def test_bad_input_gets_the_right_error_and_the_session_lives(server: Running, m
     assert err["code"] == code and err["type"] == "invalid_request_error"
     if param is not None:
         assert err["param"] == param
-    sent = json.loads(message) if message.startswith("{") and message.endswith("}") else {}
+    try:
+        sent = json.loads(message) if message.startswith("{") and message.endswith("}") else {}
+    except (ValueError, RecursionError):
+        sent = {}
     assert err["event_id"] == sent.get("event_id")
     assert c.update(instructions="still alive")["type"] == "session.updated"
     c.ws.close()
@@ -286,7 +320,7 @@ def test_response_in_progress(server: Running) -> None:
     c.recv_until(lambda e: e["type"] == "response.created")
     c.send({"type": "response.create"})
     err = c.recv_until(lambda e: e["type"] == "error")[-1]
-    assert err["error"]["code"] == "response_in_progress"
+    assert err["error"]["code"] == "conversation_already_has_active_response"  # OpenAI's code
     c.send({"type": "response.cancel"})
     done = c.recv_until(is_done)[-1]["response"]
     assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"

@@ -45,11 +45,14 @@ def image_item(url: str, text: str | None = None) -> dict[str, Any]:
 
 
 def ask(c: Client) -> list[dict[str, Any]]:
-    """Push-to-talk: say the question fixture, commit, read the whole answer."""
+    """Push-to-talk: say the question fixture, commit, ask for the answer and read all of it
+    (with omnivox extensions on: response.done then names the task)."""
+    c.send({"type": "session.update", "session": {"type": "realtime", "omnivox": {}}})
     q = np.clip(np.round(fixture_audio("question") * 32768), -32768, 32767).astype("<i2").tobytes()
     for i in range(0, len(q), 6400):
         c.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(q[i : i + 6400]).decode()})
     c.send({"type": "input_audio_buffer.commit"})
+    c.send({"type": "response.create"})
     return c.recv_until(is_done, timeout=60)
 
 

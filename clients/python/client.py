@@ -92,9 +92,12 @@ async def run(args: argparse.Namespace) -> int:
         created = json.loads(await ws.recv())
         if created.get("session", {}).get("omnivox", {}).get("demo_checkpoint"):
             print("note: the server runs the demo checkpoint (random weights): the answer is noise")
-        await ws.send(json.dumps({"type": "session.update", "session": {
+        session: dict[str, Any] = {
             "type": "realtime", "output_modalities": ["text"] if args.text_only else ["audio"],
-            "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}}}}))  # fmt: skip
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}}}  # fmt: skip
+        if "omnivox" in created.get("session", {}):
+            session["omnivox"] = {}  # an omnivox server: ask for its interrupt events and timings
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
         if args.image:
             if not created.get("session", {}).get("omnivox", {}).get("images", False):
                 print("note: this server's model takes no images (Mini-Omni); sending it anyway")

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +40,33 @@ def server(tiny_ckpt: Path) -> Iterator[Running]:
     stop_server(r)
 
 
+def _quiet(s: float) -> np.ndarray:
+    return np.zeros(int(s * 16000), np.float32)
+
+
 def _mic_wav(path: Path) -> None:
     """The fake microphone: a question heard out in full; then the question again and, right
     after the end of that turn, "stop omni" (whatever the random answer's length, it is
     still being generated or played then). Chromium loops the file."""
-
-    def quiet(s: float) -> np.ndarray:
-        return np.zeros(int(s * 16000), np.float32)
-
     q = fixture_audio("question")
-    audio = np.concatenate([quiet(1.0), q, quiet(7.0), q, quiet(0.8), fixture_audio("stop_omni"), quiet(5.0)])
+    audio = np.concatenate([_quiet(1.0), q, _quiet(7.0), q, _quiet(0.8), fixture_audio("stop_omni"), _quiet(5.0)])
     sf.write(str(path), audio, 16000, subtype="PCM_16")
 
 
 @pytest.fixture()
 def browser(tmp_path: Path) -> Iterator[Any]:
+    wav = tmp_path / "mic.wav"
+    _mic_wav(wav)
+    with _chromium(wav) as driver:
+        yield driver
+
+
+@contextmanager
+def _chromium(wav: Path) -> Iterator[Any]:
+    """Headless Chromium whose microphone plays `wav` (16 kHz mono PCM16) in a loop."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    wav = tmp_path / "mic.wav"
-    _mic_wav(wav)
     profile = tempfile.mkdtemp(prefix="omnivox-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -161,3 +169,59 @@ def test_picture_buttons_stay_hidden_on_mini_omni(server: Running, browser: Any)
     _wait(browser, "return window.omnivoxStats.sessionCreated")
     assert browser.execute_script("return window.omnivoxStats.imagesAccepted") is False
     assert not browser.find_element(By.ID, "images").is_displayed()
+
+
+def _server_turns(server: Running) -> list[tuple[str, str] | None]:
+    """(type, eagerness) of each open session's turn detection, as the server runs it."""
+    tds = [c.session.config.turn_detection for c in list(server.engine.connections)]
+    return [None if td is None else (td.type, td.eagerness) for td in tds]
+
+
+def test_semantic_vad_chosen_in_settings(server: Running, tmp_path: Path) -> None:
+    """Settings: semantic_vad with eagerness high, chosen before starting, reaches the server and
+    comes back in session.updated (shown next to the connection state); a finished question
+    ("What is the capital of France?", Piper) is still answered; changes while connected are sent."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    assert server.engine.turn_model is not None  # else semantic_vad would silently end turns on silence
+    wav = tmp_path / "mic.wav"
+    sf.write(str(wav), np.concatenate([_quiet(1.0), fixture_audio("turn_complete"), _quiet(8.0)]), 16000,
+             subtype="PCM_16")  # fmt: skip
+    with _chromium(wav) as browser:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        assert not browser.find_element(By.ID, "turns").is_displayed()  # nothing reported before a session
+        browser.find_element(By.CSS_SELECTOR, ".settings summary").click()
+        assert not browser.find_element(By.ID, "eagerness").is_displayed()  # server_vad is the default
+        Select(browser.find_element(By.ID, "turn-detection")).select_by_value("semantic_vad")
+        Select(browser.find_element(By.ID, "eagerness")).select_by_value("high")
+        browser.find_element(By.ID, "start").click()
+        td = _wait(browser, "const t = window.omnivoxStats.turnDetection; return t?.type === 'semantic_vad' && t")
+        assert td["eagerness"] == "high", td
+        assert browser.find_element(By.ID, "turns").text == "turns: semantic (high)"
+        assert ("semantic_vad", "high") in _server_turns(server)
+        # The question's turn ends and is answered out loud.
+        _wait(browser, "return window.omnivoxStats.speechStarted >= 1")
+        _wait(browser, "return window.omnivoxStats.scheduledSamples > 0 && window.omnivoxStats.audioDeltas > 2")
+        _wait(browser, "return document.querySelector('#transcript li.assistant')?.textContent.length > 0")
+        # Changed while connected: a session.update goes out, the echo updates the label.
+        Select(browser.find_element(By.ID, "turn-detection")).select_by_value("server_vad")
+        _wait(browser, "return window.omnivoxStats.turnDetection?.type === 'server_vad'")
+        assert browser.find_element(By.ID, "turns").text == "turns: silence (500 ms)"
+        assert not browser.find_element(By.ID, "eagerness").is_displayed()
+        Select(browser.find_element(By.ID, "turn-detection")).select_by_value("semantic_vad")
+        Select(browser.find_element(By.ID, "eagerness")).select_by_value("low")
+        _wait(browser, "return window.omnivoxStats.turnDetection?.eagerness === 'low'")
+        assert browser.find_element(By.ID, "turns").text == "turns: semantic (low)"
+        assert ("semantic_vad", "low") in _server_turns(server)
+        assert browser.execute_script("return window.omnivoxStats.errors") == []
+        # A phone-sized screen, Settings open.
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})  # fmt: skip
+        browser.execute_script("window.scrollTo(0, 0)")
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390  # no sideways scroll
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "web_client_settings.png"))
+        browser.find_element(By.ID, "stop").click()
+        _wait(browser, "return window.omnivoxStats.state === 'idle'")
+        assert not browser.find_element(By.ID, "turns").is_displayed()

@@ -9,7 +9,8 @@ const $ = (id) => document.getElementById(id);
 const stats = (window.omnivoxStats = {
   state: "idle", sessionCreated: false, demo: null, speechStarted: 0, responses: 0, audioDeltas: 0,
   scheduledSamples: 0, playedSamples: 0, interrupts: 0, cancelled: 0, lastTtfaMs: null, errors: [],
-  imagesAccepted: null, imagesSent: 0, tasks: [],
+  imagesAccepted: null, imagesSent: 0, tasks: [], sessionUpdates: 0,
+  turnDetection: null, // audio.input.turn_detection as the server last reported it (session.created/updated)
 });
 const MAX_IMAGE_SIDE = 1024; // pictures are re-encoded as JPEG at most this large (CLIP sees 224 px)
 
@@ -40,6 +41,30 @@ function addLine(role, text) {
   $("transcript").appendChild(li);
   li.scrollIntoView({ block: "end" });
   return li;
+}
+
+// ---------- turn detection ----------
+
+// The session's audio.input.turn_detection from the Settings selects.
+function turnDetectionSetting() {
+  if ($("turn-detection").value === "semantic_vad") return { type: "semantic_vad", eagerness: $("eagerness").value };
+  return { type: "server_vad", silence_duration_ms: 500 };
+}
+
+// What the server says it does (never what the selects ask for): "turns: semantic (auto)".
+function showTurns(td) {
+  stats.turnDetection = td === undefined ? null : td;
+  const el = $("turns");
+  el.hidden = td === undefined;
+  if (td === undefined) return;
+  if (!td) el.textContent = "turns: manual";
+  else if (td.type === "semantic_vad") el.textContent = `turns: semantic (${td.eagerness})`;
+  else el.textContent = `turns: silence (${td.silence_duration_ms} ms)`;
+}
+
+function sessionTurns(session) {
+  const input = session && session.audio && session.audio.input;
+  return input ? input.turn_detection : undefined;
 }
 
 // ---------- audio helpers ----------
@@ -215,11 +240,17 @@ function onEvent(ev) {
       setImagesEnabled(stats.imagesAccepted);
       send({ type: "session.update", session: {
         type: "realtime", output_modalities: ["audio"],
-        audio: { input: { format: { type: "audio/pcm", rate: SESSION_RATE }, transcription: { model: "default" } } },
+        audio: { input: { format: { type: "audio/pcm", rate: SESSION_RATE }, transcription: { model: "default" },
+                          turn_detection: turnDetectionSetting() } },
         omnivox: { interrupt_mode: $("interrupt").value },
       } });
+      showTurns(sessionTurns(ev.session));
       setStatus("live: speak now", "live");
       backoffMs = 500;
+      break;
+    case "session.updated":
+      stats.sessionUpdates += 1;
+      showTurns(sessionTurns(ev.session));
       break;
     case "input_audio_buffer.speech_started":
       stats.speechStarted += 1;
@@ -312,6 +343,7 @@ function connect() {
   ws.onmessage = (m) => { if (typeof m.data === "string") onEvent(JSON.parse(m.data)); };
   ws.onclose = (e) => {
     stats.sessionCreated = false;
+    showTurns(undefined);
     if (!wantConnected) { setStatus("not connected", "idle"); return; }
     const why = e.code === 1006 ? "connection lost" : `closed (${e.code}${e.reason ? ": " + e.reason : ""})`;
     setStatus(`${why}; reconnecting in ${(backoffMs / 1000).toFixed(1)} s`, "error");
@@ -352,6 +384,16 @@ $("cancel").onclick = () => {
 
 $("interrupt").onchange = () => send({ type: "session.update", session: { type: "realtime",
   omnivox: { interrupt_mode: $("interrupt").value } } });
+
+function onTurnSettingChange() {
+  $("eagerness-row").hidden = $("turn-detection").value !== "semantic_vad";
+  if (stats.sessionCreated) {
+    send({ type: "session.update", session: { type: "realtime", audio: { input: { turn_detection: turnDetectionSetting() } } } });
+  }
+}
+$("turn-detection").onchange = onTurnSettingChange;
+$("eagerness").onchange = onTurnSettingChange;
+$("eagerness-row").hidden = $("turn-detection").value !== "semantic_vad"; // a reload may keep the select's value
 
 $("camera").onclick = () => cameraSnapshot().catch((err) => addLine("error", `camera unavailable: ${err.message}`));
 

@@ -6,7 +6,9 @@ microphone would. We time, on the wall clock:
   hangover (speech end -> the end-of-turn decision), Whisper encode, prefill, the
   decode steps to the first exact SNAC chunk (7 delay steps + lookahead), and SNAC decode;
   once per turn detection mode, side by side: server_vad (500 ms of silence) and
-  semantic_vad (the Smart Turn end-of-turn model after a short silence);
+  semantic_vad (the Smart Turn end-of-turn model after a short silence), and optionally
+  with the opt-in fast start (less SNAC lookahead on the first chunk only), whose error
+  against the one-shot decode is reported too;
 - barge-in: from the last sample of a spoken "stop omni" to the cancel (the interrupt event);
 - the response's real-time factor: audio seconds made per second of generation.
 The floor is the VAD silence window plus the work for one frame.
@@ -85,6 +87,33 @@ def _snac_first_chunk_ms(model: OmniModel, frames: int, repeats: int = 5) -> flo
     return (time.perf_counter() - t0) / repeats * 1000
 
 
+def _label(mode: str, first_lookahead: int | None) -> str:
+    return mode if first_lookahead is None else f"{mode}+la{first_lookahead}"
+
+
+def fast_start_error(model: OmniModel, question: np.ndarray, lookahead: int) -> dict[str, dict[str, float]]:
+    """The first chunk of an answer streamed with less lookahead, against the one-shot decode of
+    the same frames (later chunks are exact: tested)."""
+    from model.prompts import Task
+    from streaming.audio_out import StreamingSnacDecoder
+
+    assert model.codec is not None
+    frames = model.start(model.prompt(Task.A1A2, audio=question), max_new_tokens=40, stop_rules=False).run().frames
+    frames = frames[: max(8, lookahead + 2)]
+    one_shot = model.decode_frames(frames)
+    out: dict[str, dict[str, float]] = {}
+    for la in range(lookahead):
+        dec = StreamingSnacDecoder(model.codec, model.layout.num_codes, 1, 3, lookahead, 4, first_lookahead=la)
+        chunks = [c for f in frames.tolist() for c in dec.push(f)]
+        first = chunks[0]
+        ref = one_shot[: first.size]
+        err = first - ref
+        snr = 10 * np.log10(float(np.sum(ref**2)) / max(float(np.sum(err**2)), 1e-20))
+        out[str(la)] = {"max_rel": float(np.max(np.abs(err)) / max(float(np.max(np.abs(one_shot))), 1e-9)),
+                        "snr_db": round(snr, 1)}  # fmt: skip
+    return out
+
+
 def bench_latency(
     checkpoint: str | Path,
     question_wav: Path,
@@ -95,6 +124,7 @@ def bench_latency(
     max_new_tokens: int = 60,
     device: str = "cpu",
     turn_detection: tuple[str, ...] = ("server_vad", "semantic_vad"),
+    first_chunk_lookahead: tuple[int | None, ...] = (None,),
 ) -> dict[str, Any]:
     model = OmniModel.load(checkpoint, device=device, dtype=dtype)
     runner = ModelRunner(model).start()
@@ -107,10 +137,13 @@ def bench_latency(
     cfg = SessionConfig(input_sample_rate=16000, max_new_tokens=max_new_tokens, max_audio_lead_ms=1e9)
     q_end, c_end = silence.size + speech_end(question), speech_end(command)
     rows: list[dict[str, Any]] = []
+    start_error = fast_start_error(model, question, cfg.lookahead_frames)  # also warms the model up, untimed
     try:
-        for mode in (m for _ in range(runs) for m in turn_detection):
+        variants = [(m, la) for m in turn_detection for la in first_chunk_lookahead]
+        for mode, la in (v for _ in range(runs) for v in variants):
             # -- time to first audio
-            s = Session(runner, vad, recognizer, cfg.replace(turn_detection=TurnDetection(type=mode)), turn_model)
+            variant = cfg.replace(turn_detection=TurnDetection(type=mode), first_chunk_lookahead_frames=la)
+            s = Session(runner, vad, recognizer, variant, turn_model)
             ev: list[tuple[float, Event]] = []
             t_spoken = _speak(s, np.concatenate([silence, question]), ev) + q_end / 16000
             t_commit = None
@@ -127,6 +160,7 @@ def bench_latency(
             gen_s = (t_done or first) - (t_commit or first) - (tm.get("encode_ms") or 0) / 1000
             row: dict[str, Any] = {
                 "turn_detection": mode,
+                "variant": _label(mode, la),
                 "ttfa_ms": round((t_audio - t_spoken) * 1000, 1) if t_audio else None,
                 "vad_hangover_ms": round((t_commit - t_spoken) * 1000, 1) if t_commit else None,
                 "encode_ms": tm.get("encode_ms"),
@@ -138,7 +172,7 @@ def bench_latency(
             }
             s.close()
             rows.append(row)
-            if mode != turn_detection[0]:
+            if (mode, la) != variants[0]:
                 continue
             # -- barge-in (once per run): a new answer, then "stop omni" while it plays
             s2 = Session(runner, vad, recognizer, cfg.replace(max_audio_lead_ms=1000))
@@ -155,11 +189,12 @@ def bench_latency(
         runner.close()
         recognizer.close()
 
-    def med(mode: str, key: str) -> float | None:
-        vals = [r[key] for r in rows if r["turn_detection"] == mode and r.get(key) is not None]
+    def med(label: str, key: str) -> float | None:
+        vals = [r[key] for r in rows if r["variant"] == label and r.get(key) is not None]
         return round(statistics.median(vals), 1) if vals else None
 
-    keys = [k for k in rows[0] if k not in ("barge_in_detected", "turn_detection")]
+    keys = [k for k in rows[0] if k not in ("barge_in_detected", "turn_detection", "variant")]
+    labels = [_label(m, la) for m, la in variants]
     lookahead = cfg.lookahead_frames + cfg.chunk_frames
     return {
         "benchmark": "latency",
@@ -168,7 +203,8 @@ def bench_latency(
         "dtype": dtype,
         "question_wav": str(question_wav),
         "runs": rows,
-        "median": {mode: {k: med(mode, k) for k in keys} for mode in turn_detection},
+        "median": {label: {k: med(label, k) for k in keys} for label in labels},
+        "fast_start_error": start_error,
         "snac_first_chunk_ms": round(_snac_first_chunk_ms(model, lookahead + cfg.left_context_frames), 1),
         "vad_silence_window_ms": 500,
         "frame_ms": round(SAMPLES_PER_FRAME / 24, 2),
@@ -179,8 +215,10 @@ def bench_latency(
 def print_latency(result: dict[str, Any]) -> None:
     medians = result["median"]
     modes = list(medians)
-    print(f"{result['model']} ({result['dtype']}), medians per turn detection:")
+    print(f"{result['model']} ({result['dtype']}), medians per variant:")
     print(f"  {'':18s} " + " ".join(f"{m:>14s}" for m in modes))
     for k in medians[modes[0]]:
         print(f"  {k:18s} " + " ".join(f"{medians[m][k]!s:>14s}" for m in modes))
     print(f"  snac_first_chunk_ms {result['snac_first_chunk_ms']}")
+    for la, err in result["fast_start_error"].items():
+        print(f"  first chunk with lookahead {la}: max error {err['max_rel']:.2%} of peak, SNR {err['snr_db']} dB")

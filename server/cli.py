@@ -233,6 +233,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         turn_detection=tuple(args.turn_detection.split(",")),
+        first_chunk_lookahead=tuple(None if v == "exact" else int(v) for v in args.first_chunk_lookahead.split(",")),
     )
     print_latency(result)
     _save_json(args.json, result)
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--command-wav", type=Path, help="the barge-in command (default: 'stop omni' fixture)")
     bl.add_argument("--turn-detection", default="server_vad,semantic_vad",
                     help="turn detection modes to time side by side (comma-separated)")  # fmt: skip
+    bl.add_argument("--first-chunk-lookahead", default="exact",
+                    help="start modes side by side: 'exact' (3 frames) and/or 0-2 (opt-in fast start), "
+                         "comma-separated")  # fmt: skip
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
     bi = bsub.add_parser("image", help="Mini-Omni2 image turns: CLIP encode, prefill, first audio")

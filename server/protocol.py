@@ -98,6 +98,7 @@ class OmnivoxOptions(_Model):
     interrupt_phrases: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(None, max_length=32)
     binary_audio: bool | None = None
     max_audio_lead_ms: int | None = Field(None, ge=100, le=60000)
+    first_chunk_lookahead_frames: int | None = Field(None, ge=0, le=3)  # opt-in fast start (README)
 
 
 MaxOutputTokens = Annotated[int, Field(ge=1, le=4096)] | Literal["inf"]

@@ -274,6 +274,7 @@ class Connection:
                 "interrupt_phrases": list(cfg.interrupt_phrases),
                 "binary_audio": self.binary_audio,
                 "max_audio_lead_ms": cfg.max_audio_lead_ms,
+                "first_chunk_lookahead_frames": cfg.first_chunk_lookahead_frames,
                 "demo_checkpoint": self.demo,
                 "model_family": self.session.runner.model.family,
                 "images": self.session.runner.model.takes_images,  # input_image accepted (Mini-Omni2)
@@ -597,6 +598,8 @@ class Connection:
                 new["interrupt_phrases"] = tuple(o.interrupt_phrases)
             if o.max_audio_lead_ms is not None:
                 new["max_audio_lead_ms"] = float(o.max_audio_lead_ms)
+            if "first_chunk_lookahead_frames" in o.model_fields_set:
+                new["first_chunk_lookahead_frames"] = o.first_chunk_lookahead_frames
         try:
             config: SessionConfig = cfg.replace(**new)
         except ValueError as e:

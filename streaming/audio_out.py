@@ -26,15 +26,22 @@ class StreamingSnacDecoder:
         left_context: int = 3,
         lookahead: int = 3,
         max_chunk_frames: int | None = None,
+        first_lookahead: int | None = None,
     ) -> None:
         """The first chunk has `chunk_frames` frames (fast first audio); later chunks double up
-        to `max_chunk_frames` (fewer, cheaper SNAC windows per second of audio)."""
+        to `max_chunk_frames` (fewer, cheaper SNAC windows per second of audio).
+
+        `first_lookahead` (opt-in fast start): the first chunk waits for only this many
+        frames of lookahead instead of `lookahead`, so it comes that many decode steps
+        sooner; its end is then approximate, every later chunk is exact again (its window
+        has the full context on both sides)."""
         self.codec = codec
         self.num_codes = num_codes
         self.chunk = chunk_frames
         self.max_chunk = max(chunk_frames, max_chunk_frames or chunk_frames)
         self.left = left_context
         self.lookahead = lookahead
+        self.first_lookahead = lookahead if first_lookahead is None else min(first_lookahead, lookahead)
         self._frames: list[torch.Tensor] = []  # the frames still needed as context, sanitized
         self._base = 0  # absolute index of _frames[0]
         self.emitted = 0  # frames already handed out as audio
@@ -54,10 +61,11 @@ class StreamingSnacDecoder:
         if final:
             stop = min(self.emitted + self.max_chunk, self.total)
             return Window(self, self.emitted, stop, max(0, self.emitted - self.left), self.total)
-        if self.total - self.emitted < self.chunk + self.lookahead:
+        lookahead = self.first_lookahead if self.emitted == 0 else self.lookahead
+        if self.total - self.emitted < self.chunk + lookahead:
             return None
         stop = self.emitted + self.chunk
-        return Window(self, self.emitted, stop, max(0, self.emitted - self.left), stop + self.lookahead)
+        return Window(self, self.emitted, stop, max(0, self.emitted - self.left), stop + lookahead)
 
     def push(self, frame: Sequence[int]) -> list[np.ndarray]:
         """Add one raw frame (7 ids); returns the audio chunks that became exact."""

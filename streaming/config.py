@@ -81,6 +81,9 @@ class SessionConfig:
     max_chunk_frames: int = 4  # later chunks double up to this: 4x fewer SNAC windows per second
     left_context_frames: int = 3  # SNAC decode context; 3 + 3 decodes exactly
     lookahead_frames: int = 3
+    # Opt-in fast start: the first chunk with this much lookahead (approximate at its end, ~85 ms
+    # sooner per frame saved); None = exact from the first sample.
+    first_chunk_lookahead_frames: int | None = None
     max_audio_lead_ms: float = 1000.0  # generation may run this far ahead of playback
     transcribe_input: bool = False  # user-turn transcripts through the command detector's ASR
     max_new_tokens: int | None = None
@@ -103,6 +106,10 @@ class SessionConfig:
             or self.lookahead_frames < 0
         ):
             raise ValueError("chunk_frames must be >= 1 and the SNAC context sizes >= 0")
+        if self.first_chunk_lookahead_frames is not None and not (
+            0 <= self.first_chunk_lookahead_frames <= self.lookahead_frames
+        ):
+            raise ValueError(f"first_chunk_lookahead_frames must be in [0, {self.lookahead_frames}]")
         if not all(p.strip() for p in self.interrupt_phrases):
             raise ValueError("interrupt phrases must be non-empty")
 

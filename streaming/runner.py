@@ -47,6 +47,7 @@ class ResponseRequest:
     max_chunk_frames: int = 4
     left_context_frames: int = 3
     lookahead_frames: int = 3
+    first_lookahead_frames: int | None = None  # opt-in fast start: less lookahead on the first chunk only
     max_audio_lead_ms: float = 1000.0
     stop_rules: bool = True  # False: run the whole budget (benchmarks of steady-state speed)
 
@@ -252,6 +253,7 @@ class ModelRunner:
                     req.left_context_frames,
                     req.lookahead_frames,
                     req.max_chunk_frames,
+                    req.first_lookahead_frames,
                 )
             self._active.append(job)
 

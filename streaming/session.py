@@ -477,6 +477,7 @@ class Session:
             max_chunk_frames=cfg.max_chunk_frames,
             left_context_frames=cfg.left_context_frames,
             lookahead_frames=cfg.lookahead_frames,
+            first_lookahead_frames=cfg.first_chunk_lookahead_frames,
             max_audio_lead_ms=cfg.max_audio_lead_ms,
         )
         response_id = self._new_id("resp")

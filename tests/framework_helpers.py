@@ -12,7 +12,6 @@ import base64
 import contextlib
 import json
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,34 +21,10 @@ import soxr
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from server.app import Engine
-from server.serve import build_engine, start_in_thread
-from server.settings import ServerSettings
-
 from .conftest import fixture_audio
 from .openai_events import check_server_event
 
 Event = dict[str, Any]
-
-
-# -- the server -----------------------------------------------------------------------------------
-
-
-class Running:
-    def __init__(self, engine: Engine, thread: threading.Thread, server: Any, port: int) -> None:
-        self.engine, self.thread, self.server, self.port = engine, thread, server, port
-
-
-def start_server(settings: ServerSettings) -> Running:
-    engine = build_engine(settings)
-    srv, thread, port = start_in_thread(engine)
-    return Running(engine, thread, srv, port)
-
-
-def stop_server(r: Running) -> None:
-    r.server.should_exit = True
-    r.thread.join(15)
-    r.engine.close()
 
 
 # -- the wire tap ---------------------------------------------------------------------------------

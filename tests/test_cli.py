@@ -147,4 +147,5 @@ def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert semantic["ttfa_ms"] > semantic["vad_hangover_ms"] > 0
     assert server["barge_in_detected"] is True
     assert set(doc["median"]) == {"server_vad", "semantic_vad"}
+    assert set(doc["fast_start_error"]) == {"0", "1", "2"}  # the opt-in first chunk's error, per lookahead
     assert {"cpu_model", "cores", "torch"} <= set(doc["machine"])

@@ -27,7 +27,6 @@ from .conftest import fixture_audio
 from .framework_helpers import (
     ErrorLogs,
     Mic,
-    Running,
     Tap,
     assert_no_errors,
     assert_wire_ok,
@@ -35,9 +34,8 @@ from .framework_helpers import (
     loguru_errors,
     pcm16,
     spoken_turn_then_barge_in,
-    start_server,
-    stop_server,
 )
+from .test_server import Running, start_server, stop_server
 
 TEST_TIMEOUT = 75  # s, per test; each runs at real-time pace and takes ~20-40 s
 

@@ -63,6 +63,24 @@ def test_without_lookahead_the_edges_are_wrong(codec: SnacCodec) -> None:
     assert np.max(np.abs(streamed - one_shot)) > 1e-2 * np.max(np.abs(one_shot))
 
 
+@pytest.mark.parametrize("first_lookahead", [0, 1, 2])
+def test_fast_start_is_exact_from_the_second_chunk(codec: SnacCodec, first_lookahead: int) -> None:
+    """Opt-in fast start: the first chunk comes after 1 + first_lookahead frames instead of 1 + 3;
+    only its own audio is approximate."""
+    frames = _frames(20, seed=7)
+    one_shot = codec.decode(frames)
+    dec = StreamingSnacDecoder(codec, 4096, chunk_frames=1, max_chunk_frames=4, first_lookahead=first_lookahead)
+    pushed_before_first = next(i + 1 for i, f in enumerate(frames.tolist()) if dec.push(f))
+    assert pushed_before_first == 1 + first_lookahead
+    streamed, sizes = _stream(codec, frames, chunk_frames=1, max_chunk_frames=4, first_lookahead=first_lookahead)
+    assert streamed.shape == one_shot.shape
+    peak = np.max(np.abs(one_shot))
+    first = sizes[0]
+    assert np.max(np.abs(streamed[first:] - one_shot[first:])) <= 1e-3 * peak  # exact from the second chunk
+    if first_lookahead == 0:  # the price: an approximate start (with more lookahead it shrinks)
+        assert np.max(np.abs(streamed[:first] - one_shot[:first])) > 1e-3 * peak
+
+
 def test_specials_in_streamed_frames_are_replaced(codec: SnacCodec) -> None:
     frames = _frames(6)
     frames[2, 3] = 4097  # _pad_a: takes the previous frame's code

@@ -13,6 +13,10 @@ from .layout import TokenLayout
 
 # Weight precision modes of OmniModel.load (model.omni.resolve_precision says what each does).
 PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+# What the Whisper encoder sees per turn (OmniModel.load's whisper_window). "padded" (default,
+# exact): the 30 s window upstream encodes. "trimmed" (opt-in, approximate): only the turn's
+# length, a fraction of the work, but attention is global so the features differ (model.audio).
+WHISPER_WINDOWS = ("padded", "trimmed")
 
 # lit-gpt keys whose values must be exactly these for the Mini-Omni architecture we run.
 _REQUIRED_LITGPT_VALUES: dict[str, Any] = {

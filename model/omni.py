@@ -24,7 +24,7 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .codec import SnacCodec, replace_non_codes
-from .config import PRECISIONS, ModelConfig
+from .config import PRECISIONS, WHISPER_WINDOWS, ModelConfig
 from .decoding import Generation, SamplingConfig
 from .errors import CheckpointError, InputError
 from .layout import TokenLayout
@@ -88,6 +88,7 @@ class OmniModel:
     codec: SnacCodec | None
     source: str
     clip: ClipImageEncoder | None = None  # Mini-Omni2 checkpoints only
+    whisper_window: str = "padded"  # model.config.WHISPER_WINDOWS
 
     @property
     def family(self) -> str:
@@ -116,9 +117,16 @@ class OmniModel:
         with_whisper: bool = True,
         with_snac: bool = True,
         with_clip: bool = True,
+        whisper_window: str = "padded",
     ) -> OmniModel:
-        """Load a checkpoint directory or hub id (see DESIGN.md section 2 for the layout)."""
+        """Load a checkpoint directory or hub id (see DESIGN.md section 2 for the layout).
+
+        whisper_window: "padded" encodes each turn in Whisper's 30 s window (exact);
+        "trimmed" encodes only the turn's length (approximate, opt-in; model.audio).
+        """
         precision = resolve_precision(dtype, device)
+        if whisper_window not in WHISPER_WINDOWS:
+            raise InputError(f"whisper_window must be one of {', '.join(WHISPER_WINDOWS)}, got {whisper_window!r}")
         # int8 quantizes from the fp32 weights; the encoders then run in bf16 where native.
         torch_dtype = torch.float32 if precision == "int8" else DTYPES[precision]
         encoder_dtype = torch_dtype
@@ -159,15 +167,18 @@ class OmniModel:
                 codec.cast_(encoder_dtype)
         del lit_sd
         release_freed_memory()  # the fp32 state dict (and int8's fp32 copies) would else stay resident
-        model = cls(config, llm, tokenizer, whisper, codec, str(root), clip)
-        log.info("loaded %s (%s, %s, %s) in %.1f s", root, model.family, device, precision, time.perf_counter() - t0)
+        model = cls(config, llm, tokenizer, whisper, codec, str(root), clip, whisper_window)
+        log.info(
+            "loaded %s (%s, %s, %s, whisper window %s) in %.1f s",
+            root, model.family, device, precision, whisper_window, time.perf_counter() - t0,
+        )  # fmt: skip
         return model
 
     def encode_audio(self, audio: np.ndarray) -> torch.Tensor:
         """16 kHz mono float audio -> (L, C) Whisper features."""
         if self.whisper is None:
             raise InputError("this model was loaded without a Whisper encoder")
-        return self.whisper.encode(audio)
+        return self.whisper.encode(audio, self.whisper_window)
 
     def encode_image(self, image: object) -> torch.Tensor:
         """A decoded PIL image (model.vision.decode_image) or its preprocessed pixels -> (50, D)

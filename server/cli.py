@@ -11,10 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model.config import PRECISIONS
+from model.config import PRECISIONS, WHISPER_WINDOWS
 
 log = logging.getLogger("omnivox")
 
+WHISPER_WINDOW_HELP = (
+    "padded (default): encode each turn in Whisper's 30 s window, exact; "
+    "trimmed: encode only the turn's length, much faster, approximate (README, Precision)"
+)
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
 
 
@@ -76,7 +80,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     t0 = time.perf_counter()
-    model = OmniModel.load(resolve_checkpoint_arg(args), device=args.device, dtype=args.dtype)
+    model = OmniModel.load(
+        resolve_checkpoint_arg(args), device=args.device, dtype=args.dtype, whisper_window=args.whisper_window
+    )
     load_s = time.perf_counter() - t0
 
     t_start = time.perf_counter()
@@ -146,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "checkpoint": args.checkpoint,
         "device": args.device,
         "dtype": args.dtype,
+        "whisper_window": args.whisper_window,
         "api_key": args.api_key,
         "max_sessions": args.max_sessions,
         "max_new_tokens": args.max_new_tokens,
@@ -276,6 +283,29 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from benchmarks.kernels import bench_kernels, print_table
+
+    rows = tuple(int(x) for x in args.rows.split(","))
+    names = tuple(args.candidates.split(",")) if args.candidates else None
+    result = bench_kernels(rows=rows, repeats=args.repeats, candidates=names)
+    print_table(result)
+    _save_json(args.json, result)
+    return 0
+
+
+def cmd_bench_encode(args: argparse.Namespace) -> int:
+    from benchmarks.encode import bench_encode, print_encode
+
+    ckpt = _bench_checkpoint(args)
+    wavs = args.wav or [_wav_arg(None, "question.wav", "--wav"), _wav_arg(None, "weather.wav", "--wav")]
+    result = bench_encode(ckpt, [Path(w) for w in wavs], precisions=tuple(args.precisions.split(",")),
+                          repeats=args.repeats)  # fmt: skip
+    print_encode(result)
+    _save_json(args.json, result)
+    return 0
+
+
 def _save_json(path: Path | None, result: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (non-greedy only)")
     g.add_argument("--output-wav", type=Path, help="write the answer audio (24 kHz PCM16)")
     g.add_argument("--tokens-json", type=Path, help="write tokens, text and timings as JSON")
+    g.add_argument("--whisper-window", default="padded", choices=list(WHISPER_WINDOWS), help=WHISPER_WINDOW_HELP)
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser("serve", help="run the realtime WebSocket server (web client at /)")
@@ -320,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): bfloat16 on GPUs and CPUs with native bf16, else float32; "
         "int8: CPU-only int8 weights, bf16 activations (fastest, approximate)",
     )
+    sv.add_argument("--whisper-window", default=None, choices=list(WHISPER_WINDOWS),
+                    help=WHISPER_WINDOW_HELP + " (OMNIVOX_WHISPER_WINDOW)")  # fmt: skip
     sv.add_argument("--api-key", default=None, help="require this key (or OMNIVOX_API_KEY); never logged")
     sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
     sv.add_argument("--max-sessions", type=int, default=None, help="concurrent session slots (default 8)")
@@ -394,6 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--steps", type=int, default=24)
     bc.add_argument("--json", type=Path, help="save the result here")
     bc.set_defaults(func=cmd_bench_compare)
+    be = bsub.add_parser("encode", help="Whisper encode ms and feature error per precision, padded vs trimmed window")
+    g3 = be.add_mutually_exclusive_group()
+    g3.add_argument("--checkpoint-dir", type=Path, help="local Mini-Omni checkpoint directory")
+    g3.add_argument("--checkpoint", help="hub id such as gpt-omni/mini-omni")
+    be.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")
+    be.add_argument("--precisions", default="float32,bfloat16,int8", help="comma-separated; float32 first (the base)")
+    be.add_argument("--repeats", type=int, default=5, help="timed encodes per variant (median)")
+    be.add_argument("--wav", type=Path, action="append", help="input speech, repeatable (default: the test fixtures)")
+    be.add_argument("--json", type=Path, help="save the result here")
+    be.set_defaults(func=cmd_bench_encode)
+    bk = bsub.add_parser("kernels", help="weight-only quantized matmul kernels on decode-step shapes, side by side")
+    bk.add_argument("--rows", default="1,2", help="activation rows (the decode batch), comma-separated")
+    bk.add_argument("--repeats", type=int, default=7)
+    bk.add_argument("--candidates", default=None, help="comma-separated kernel names (default: all but opt-in ones)")
+    bk.add_argument("--json", type=Path, help="save the result here")
+    bk.set_defaults(func=cmd_bench_kernels)
     return parser
 
 

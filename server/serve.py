@@ -43,7 +43,9 @@ def build_engine(settings: ServerSettings, demo_checkpoint: str | None = None) -
             raise ConfigError("no checkpoint given")
         log.warning(DEMO_NOTICE)
         spec = demo_checkpoint
-    model = OmniModel.load(str(spec), device=settings.device, dtype=settings.dtype)
+    model = OmniModel.load(
+        str(spec), device=settings.device, dtype=settings.dtype, whisper_window=settings.whisper_window
+    )
     recognizer = None
     if settings.interrupt_detector:
         from streaming.detector import FasterWhisperASR, RecognizerWorker

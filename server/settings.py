@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,7 @@ class ServerSettings(BaseSettings):
     checkpoint: str | None = None  # hub id
     device: str = "cpu"
     dtype: str = "auto"  # bfloat16 where the hardware does it natively, else float32
+    whisper_window: Literal["padded", "trimmed"] = "padded"  # model.config.WHISPER_WINDOWS; trimmed is approximate
     api_key: SecretStr | None = None
     allow_unauthenticated: bool = False  # needed to bind a non-loopback address without a key
     max_sessions: int = Field(8, ge=1, le=1024)

@@ -116,7 +116,7 @@ def test_talk_hear_and_interrupt_in_chromium(server: Running, browser: Any) -> N
         "const t = document.querySelector('#transcript li.user')?.textContent;"
         "return t && t !== '(you spoke)' ? t : null",
     )
-    assert "name" in heard.lower(), heard
+    assert "what is your" in heard.lower(), heard  # tiny.en through the browser's mic path: "name" or "aim"
     ttfa = _wait(browser, "return window.omnivoxStats.lastTtfaMs")
     assert 0 < ttfa < 10000
     # "stop omni" from the same microphone interrupts the answer.

@@ -1,0 +1,125 @@
+"""`omnivox bench encode`: Whisper encode time per precision and window, and the feature error
+against the exact encode (fp32, 30 s padded window) on the frames the prompt keeps.
+
+The features measured are the adapter's inputs: the first L = int(ms / 20) + 1 encoder frames.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.audio import SAMPLE_RATE, WhisperEncoder, load_audio_file
+from model.checkpoint import load_whisper, resolve_checkpoint
+from model.config import WHISPER_WINDOWS
+from model.errors import InputError
+from model.llm import Int8Linear
+
+from .machine import machine_info
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def quantize_int8_(whisper: WhisperEncoder) -> WhisperEncoder:
+    """Whisper's Linears as the LLM's Int8Linear (int8 weights from the fp32 ones, bf16
+    activations), convolutions in bf16, LayerNorms fp32. Measured here, not used: an encode has
+    >= 48 rows, so Int8Linear dequantizes for a bf16 GEMM, slower than bf16 weights and less
+    accurate (README, Precision); `--dtype int8` runs Whisper in bf16."""
+    with torch.no_grad():
+        for block in whisper.encoder.blocks:
+            for parent in (block.attn, block.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        bias = None if child.bias is None else child.bias.to(torch.bfloat16)
+                        setattr(parent, name, Int8Linear(child.weight, bias))
+    return whisper.cast_(torch.bfloat16)
+
+
+def build_encoder(root: Path, precision: str) -> WhisperEncoder:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    whisper = load_whisper(root)
+    if precision == "bfloat16":
+        whisper.cast_(torch.bfloat16)
+    elif precision == "int8":
+        quantize_int8_(whisper)
+    return whisper
+
+
+def feature_error(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """(L, C) vs (L, C): abs error relative to the reference's RMS, and per-frame cosine."""
+    rms = ref.pow(2).mean().sqrt().item()
+    err = (ours - ref).abs()
+    cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
+    return {
+        "max_rel": round(err.max().item() / rms, 5),
+        "mean_rel": round(err.mean().item() / rms, 5),
+        "cos_mean": round(cos.mean().item(), 6),
+        "cos_min": round(cos.min().item(), 6),
+    }
+
+
+def bench_encode(
+    checkpoint: str | Path,
+    wavs: list[Path],
+    *,
+    precisions: tuple[str, ...] = PRECISIONS,
+    windows: tuple[str, ...] = WHISPER_WINDOWS,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    root = resolve_checkpoint(checkpoint)
+    audios = {p.stem: load_audio_file(p) for p in wavs}
+    encoders = {precision: build_encoder(root, precision) for precision in precisions}
+    exact = encoders["float32"] if "float32" in encoders else build_encoder(root, "float32")
+    refs = {name: exact.encode(audio, "padded") for name, audio in audios.items()}
+    cases = [(p, w, a) for p in precisions for w in windows for a in audios]
+    feats = {(p, w, a): encoders[p].encode(audios[a], w) for p, w, a in cases}  # also the warm-up
+    # Round-robin: every case once per round, so load from other processes on a shared
+    # machine spreads over all variants instead of landing on one.
+    times: dict[tuple[str, str, str], list[float]] = {case: [] for case in cases}
+    for _ in range(repeats):
+        for p, w, a in cases:
+            t0 = time.perf_counter()
+            encoders[p].encode(audios[a], w)
+            times[(p, w, a)].append((time.perf_counter() - t0) * 1000)
+    rows = []
+    for p, w, a in cases:
+        ms = statistics.median(times[(p, w, a)])
+        base = statistics.median(times[(precisions[0], windows[0], a)])
+        rows.append(
+            {
+                "audio": a,
+                "seconds": round(audios[a].size / SAMPLE_RATE, 2),
+                "frames": int(feats[(p, w, a)].shape[0]),
+                "precision": p,
+                "window": w,
+                "encode_ms": round(ms, 1),
+                "encode_ms_min": round(min(times[(p, w, a)]), 1),
+                f"speedup_vs_{precisions[0]}_{windows[0]}": round(base / ms, 2),
+                **feature_error(feats[(p, w, a)], refs[a]),
+            }
+        )
+    return {
+        "benchmark": "encode",
+        "checkpoint": str(checkpoint),
+        "reference": "float32, padded (30 s window)",
+        "repeats": repeats,
+        "rows": rows,
+        "machine": machine_info("cpu"),
+    }
+
+
+def print_encode(result: dict[str, Any]) -> None:
+    speedup = next(k for k in result["rows"][0] if k.startswith("speedup_vs_"))
+    cols = ["audio", "frames", "precision", "window", "encode_ms", "encode_ms_min", speedup,
+            "max_rel", "mean_rel", "cos_mean", "cos_min"]  # fmt: skip
+    print(" | ".join(cols))
+    for row in result["rows"]:
+        print(" | ".join(str(row[c]) for c in cols))
+    m = result["machine"]
+    print(f"machine: {m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads")

@@ -186,12 +186,21 @@ def bench_latency(
                 row["barge_in_detected"] = t_int is not None
             s2.close()
     finally:
+        stage_threads = runner.stage_threads()
+        asr_threads = getattr(recognizer.recognizer, "threads", None)
         runner.close()
         recognizer.close()
 
+    def values(label: str, key: str) -> list[float]:
+        return [r[key] for r in rows if r["variant"] == label and r.get(key) is not None]
+
     def med(label: str, key: str) -> float | None:
-        vals = [r[key] for r in rows if r["variant"] == label and r.get(key) is not None]
+        vals = values(label, key)
         return round(statistics.median(vals), 1) if vals else None
+
+    def p90(label: str, key: str) -> float | None:
+        vals = values(label, key)
+        return round(float(np.percentile(vals, 90)), 1) if vals else None
 
     keys = [k for k in rows[0] if k not in ("barge_in_detected", "turn_detection", "variant")]
     labels = [_label(m, la) for m, la in variants]
@@ -204,11 +213,14 @@ def bench_latency(
         "question_wav": str(question_wav),
         "runs": rows,
         "median": {label: {k: med(label, k) for k in keys} for label in labels},
+        "p90": {label: {k: p90(label, k) for k in ("ttfa_ms", "vad_hangover_ms")} for label in labels},
         "fast_start_error": start_error,
         "snac_first_chunk_ms": round(_snac_first_chunk_ms(model, lookahead + cfg.left_context_frames), 1),
         "vad_silence_window_ms": 500,
         "frame_ms": round(SAMPLES_PER_FRAME / 24, 2),
         "machine": machine_info(device),
+        # threads each stage really runs with ("machine.threads" is the main thread's count)
+        "stage_threads": {**stage_threads, "vad": 1, "turn_model": 1, "asr": asr_threads},
     }
 
 
@@ -219,6 +231,8 @@ def print_latency(result: dict[str, Any]) -> None:
     print(f"  {'':18s} " + " ".join(f"{m:>14s}" for m in modes))
     for k in medians[modes[0]]:
         print(f"  {k:18s} " + " ".join(f"{medians[m][k]!s:>14s}" for m in modes))
+    for k in ("ttfa_ms", "vad_hangover_ms"):
+        print(f"  {k + ' p90':18s} " + " ".join(f"{result['p90'][m][k]!s:>14s}" for m in modes))
     print(f"  snac_first_chunk_ms {result['snac_first_chunk_ms']}")
     for la, err in result["fast_start_error"].items():
         print(f"  first chunk with lookahead {la}: max error {err['max_rel']:.2%} of peak, SNR {err['snr_db']} dB")

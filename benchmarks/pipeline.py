@@ -91,8 +91,9 @@ def bench_pipeline(
             })  # fmt: skip
             print(rows[-1])
     finally:
+        stage_threads = runner.stage_threads()
         runner.close()
     return {"benchmark": "pipeline", "checkpoint": str(checkpoint), "dtype": dtype, "precision": model.precision,
-            "steps": steps,
+            "steps": steps, "stage_threads": stage_threads,
             "max_chunk_frames": max_chunk_frames, "loaded_rss_mb": round(loaded_rss, 1), "levels": rows,
             "machine": machine_info()}  # fmt: skip

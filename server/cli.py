@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl = bsub.add_parser("latency", help="end of speech -> first audio, barge-in latency, real-time factor")
     _add_checkpoint_args(bl)
     bl.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random checkpoint when none is given")
-    bl.add_argument("--runs", type=int, default=3)
+    bl.add_argument("--runs", type=int, default=5, help="turns per variant (median and p90)")
     bl.add_argument("--max-new-tokens", type=int, default=60, help="bound each answer (steps)")
     bl.add_argument("--question-wav", type=Path, help="the user's question (default: the test fixture)")
     bl.add_argument("--command-wav", type=Path, help="the barge-in command (default: 'stop omni' fixture)")

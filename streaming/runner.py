@@ -125,6 +125,15 @@ class ModelRunner:
         self._decoder_thread = threading.Thread(target=self._run_decoder, name="omnivox-snac", daemon=True)
         self._encoder_thread = threading.Thread(target=self._run_encoder, name="omnivox-encode", daemon=True)
         self.steps_total = 0
+        # torch intra-op threads as each stage's own thread sees them (OpenMP's count is per
+        # thread: another library's setting on the main thread says nothing about these).
+        # One writer each; None until the thread runs.
+        self.llm_threads: int | None = None
+        self.encoder_threads: int | None = None
+        self.snac_threads: int | None = None
+
+    def stage_threads(self) -> dict[str, int | None]:
+        return {"llm": self.llm_threads, "encoder": self.encoder_threads, "snac": self.snac_threads}
 
     def start(self) -> ModelRunner:
         self._thread.start()
@@ -156,6 +165,7 @@ class ModelRunner:
     # ---------------- runner thread ----------------
 
     def _run(self) -> None:
+        self.llm_threads = torch.get_num_threads()
         while not self._stop.is_set():
             self._admit()
             try:
@@ -329,6 +339,7 @@ class ModelRunner:
 
     def _run_encoder(self) -> None:
         """Whisper (and CLIP) encode each request's inputs into its prompt, in submit order."""
+        self.encoder_threads = torch.get_num_threads()
         while not self._stop.is_set():
             try:
                 job = self._requests.get(timeout=0.05)
@@ -362,6 +373,7 @@ class ModelRunner:
 
     def _run_decoder(self) -> None:
         """SNAC thread: the windows of every answer that are ready decode together."""
+        self.snac_threads = torch.get_num_threads()
         while True:
             items = [self._decode_jobs.get()]
             while True:  # whatever else is waiting joins this round

@@ -146,6 +146,8 @@ def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert server["ttfa_ms"] > server["vad_hangover_ms"] >= 400  # the 500 ms silence window, less decay
     assert semantic["ttfa_ms"] > semantic["vad_hangover_ms"] > 0
     assert server["barge_in_detected"] is True
-    assert set(doc["median"]) == {"server_vad", "semantic_vad"}
+    assert set(doc["median"]) == set(doc["p90"]) == {"server_vad", "semantic_vad"}
     assert set(doc["fast_start_error"]) == {"0", "1", "2"}  # the opt-in first chunk's error, per lookahead
+    threads = doc["stage_threads"]  # what each stage's own thread runs with, measured there
+    assert threads["llm"] >= 1 and threads["encoder"] >= 1 and threads["snac"] >= 1 and threads["asr"] == 1
     assert {"cpu_model", "cores", "torch"} <= set(doc["machine"])

@@ -91,7 +91,7 @@ def _label(mode: str, first_lookahead: int | None) -> str:
     return mode if first_lookahead is None else f"{mode}+la{first_lookahead}"
 
 
-def fast_start_error(model: OmniModel, question: np.ndarray, lookahead: int) -> dict[str, dict[str, float]]:
+def fast_start_error(model: OmniModel, question: np.ndarray, cfg: SessionConfig) -> dict[str, dict[str, float]]:
     """The first chunk of an answer streamed with less lookahead, against the one-shot decode of
     the same frames (later chunks are exact: tested)."""
     from model.prompts import Task
@@ -99,11 +99,13 @@ def fast_start_error(model: OmniModel, question: np.ndarray, lookahead: int) -> 
 
     assert model.codec is not None
     frames = model.start(model.prompt(Task.A1A2, audio=question), max_new_tokens=40, stop_rules=False).run().frames
+    lookahead = cfg.lookahead_frames
     frames = frames[: max(8, lookahead + 2)]
     one_shot = model.decode_frames(frames)
     out: dict[str, dict[str, float]] = {}
     for la in range(lookahead):
-        dec = StreamingSnacDecoder(model.codec, model.layout.num_codes, 1, 3, lookahead, 4, first_lookahead=la)
+        dec = StreamingSnacDecoder(model.codec, model.layout.num_codes, cfg.chunk_frames, cfg.left_context_frames,
+                                   lookahead, cfg.max_chunk_frames, first_lookahead=la)  # fmt: skip
         chunks = [c for f in frames.tolist() for c in dec.push(f)]
         first = chunks[0]
         ref = one_shot[: first.size]
@@ -137,7 +139,7 @@ def bench_latency(
     cfg = SessionConfig(input_sample_rate=16000, max_new_tokens=max_new_tokens, max_audio_lead_ms=1e9)
     q_end, c_end = silence.size + speech_end(question), speech_end(command)
     rows: list[dict[str, Any]] = []
-    start_error = fast_start_error(model, question, cfg.lookahead_frames)  # also warms the model up, untimed
+    start_error = fast_start_error(model, question, cfg)  # also warms the model up, untimed
     try:
         variants = [(m, la) for m in turn_detection for la in first_chunk_lookahead]
         for mode, la in (v for _ in range(runs) for v in variants):

@@ -42,7 +42,7 @@ from streaming.events import (
     TranscriptDelta,
 )
 from streaming.g711 import G711Encoder
-from streaming.session import Session
+from streaming.session import ACTIVE_RESPONSE, Session, active_response_message
 
 from .protocol import (
     AudioAppend,
@@ -683,10 +683,7 @@ class Connection:
         s = self.session
         r = ev.response
         if s.response is not None:  # checked first: nothing of this request may touch the session
-            raise ProtocolError("conversation_already_has_active_response",
-                                f"Conversation already has an active response in progress: "
-                                f"{s.response.response_id}. Wait until the response is finished before "
-                                "creating a new one.", None, ev.event_id)  # fmt: skip
+            raise ProtocolError(ACTIVE_RESPONSE, active_response_message(s.response.response_id), None, ev.event_id)
         modalities = tuple(r.output_modalities) if r and r.output_modalities else None
         max_tokens = r.max_output_tokens if r else None
         max_new = None if max_tokens is None or max_tokens == "inf" else int(max_tokens)

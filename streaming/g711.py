@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import soxr
 
 G711_RATE = 8000
 
@@ -138,8 +139,6 @@ class G711Encoder:
     resampler, so chunk edges are seamless); `flush` gives the resampler's tail at the end."""
 
     def __init__(self, fmt: str, in_rate: int = 24000) -> None:
-        import soxr
-
         self._encode = FORMATS[fmt][1]
         self._resampler = soxr.ResampleStream(in_rate, G711_RATE, 1, dtype="float32")
 

@@ -57,6 +57,16 @@ COMMAND_CHECK_EVERY = int(0.32 * MODEL_RATE)  # re-check a growing command segme
 MAX_REMEMBERED_INPUTS = 8  # user items a response may still answer (audio up to 30 s each)
 
 
+ACTIVE_RESPONSE = "conversation_already_has_active_response"  # OpenAI's code and wording
+
+
+def active_response_message(response_id: str) -> str:
+    return (
+        f"Conversation already has an active response in progress: {response_id}. "
+        "Wait until the response is finished before creating a new one."
+    )
+
+
 def ms(samples: int) -> int:
     return int(samples * 1000 // MODEL_RATE)
 
@@ -147,12 +157,12 @@ class Session:
         """Everything that happened since the last call, in order."""
         out: list[Event] = []
         with self._lock:
+            self._check_idle()
             while True:
                 try:
                     out.append(self._events.get_nowait())
                 except queue.Empty:
                     break
-            self._check_idle(out)
             h = self.response
             taken = len(out)
             if h is not None:
@@ -189,7 +199,7 @@ class Session:
             self._idle_from = max(now, self._playback_until)
         return ev
 
-    def _check_idle(self, out: list[Event]) -> None:
+    def _check_idle(self) -> None:
         """server_vad idle_timeout_ms: no speech for that long after the last answer finished
         playing -> the silence is committed as a user turn and answered (as OpenAI does)."""
         td = self.config.turn_detection
@@ -204,13 +214,8 @@ class Session:
         end = self._history.end
         start = max(self._history.start, self._buffer_start, end - td.idle_timeout_ms * MODEL_RATE // 1000)
         item = self._new_id("item")
-        out.append(InputTimeout(item, ms(start), ms(end)))
+        self._emit(InputTimeout(item, ms(start), ms(end)))
         self._commit_audio(item, self._history.slice(start, end), respond=td.create_response)
-        while True:  # what _commit_audio emitted follows the timeout event
-            try:
-                out.append(self._events.get_nowait())
-            except queue.Empty:
-                break
 
     @property
     def assistant_speaking(self) -> bool:
@@ -445,13 +450,7 @@ class Session:
     ) -> str | None:
         audio, text = self._inputs[item]
         if self.response is not None:
-            self._emit(
-                SessionError(
-                    "conversation_already_has_active_response",
-                    f"Conversation already has an active response in progress: {self.response.response_id}. "
-                    "Wait until the response is finished before creating a new one.",
-                )
-            )
+            self._emit(SessionError(ACTIVE_RESPONSE, active_response_message(self.response.response_id)))
             return None
         modalities = output_modalities or self.config.output_modalities
         audio_out = "audio" in modalities
@@ -560,8 +559,9 @@ class Session:
             return
         segment = b.segment
         phrases = self.config.interrupt_phrases
-        # The verdict concerns the answer playing now; a later answer is not its to cancel.
-        asked_about = self.response.response_id if self.response is not None else self._last_response_id
+        # The verdict concerns the answer playing now (the last one started); a later answer is
+        # not its to cancel.
+        asked_about = self._last_response_id
 
         def on_text(text: str | None) -> None:
             phrase = match_phrase(text or "", phrases)
@@ -573,8 +573,7 @@ class Session:
                     self._barge.matched = phrase
                 if self._interrupted_segment >= segment:
                     return  # this utterance already interrupted (an earlier check of it matched)
-                current = self.response.response_id if self.response is not None else self._last_response_id
-                if current != asked_about or not self.assistant_speaking:
+                if self._last_response_id != asked_about or not self.assistant_speaking:
                     return
                 self._interrupted_segment = segment
                 self._interrupt(phrase, end)

@@ -9,6 +9,7 @@ session the VAD's end-of-turn hangover (~600 ms, see `bench latency`) comes on t
 
 from __future__ import annotations
 
+import queue
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from model.omni import OmniModel
 from model.prompts import Task
 from model.vision import open_image_file, preprocess
 from streaming.events import AudioChunk, ResponseDone
-from streaming.runner import ModelRunner, ResponseHandle, ResponseRequest
+from streaming.runner import ModelRunner, ResponseRequest
 
 from .machine import machine_info
 
@@ -31,21 +32,20 @@ def _ms(fn: Any) -> tuple[float, Any]:
 
 
 def _first_audio_ms(runner: ModelRunner, request: ResponseRequest, timeout_s: float = 120) -> float | None:
-    handle = ResponseHandle("bench", "item", request)
     t0 = time.monotonic()
-    runner.submit(handle)
+    stream = runner.stream("bench", request)
     first = None
     deadline = t0 + timeout_s
     while time.monotonic() < deadline:
-        runner.wake()
-        while not handle.events.empty():
-            ev = handle.events.get_nowait()
-            if isinstance(ev, AudioChunk) and first is None:
-                first = (time.monotonic() - t0) * 1000
-                handle.cancelled.set()  # the first chunk is all we time
-            if isinstance(ev, ResponseDone):
-                return first
-        time.sleep(0.002)
+        try:
+            ev = stream.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if isinstance(ev, AudioChunk) and first is None:
+            first = (time.monotonic() - t0) * 1000
+            stream.cancel()  # the first chunk is all we time
+        if isinstance(ev, ResponseDone):
+            return first
     return first
 
 

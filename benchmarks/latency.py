@@ -29,10 +29,10 @@ from model.codec import SAMPLES_PER_FRAME
 from model.omni import OmniModel
 from streaming.config import SessionConfig, TurnDetection
 from streaming.detector import FasterWhisperASR, RecognizerWorker
+from streaming.driver import LocalSession
 from streaming.events import AudioChunk, Event, InputCommitted, Interrupted, ResponseDone
 from streaming.runner import ModelRunner
 from streaming.semantic_turn import SmartTurn
-from streaming.session import Session
 from streaming.vad import SileroVAD
 
 from .machine import machine_info
@@ -51,7 +51,7 @@ def speech_end(audio: np.ndarray, thresh: float = 0.02) -> int:
     return int(loud[-1]) + 1 if loud.size else 0
 
 
-def _speak(session: Session, audio: np.ndarray, sink: list[tuple[float, Event]]) -> float:
+def _speak(session: LocalSession, audio: np.ndarray, sink: list[tuple[float, Event]]) -> float:
     """Feed audio at real-time pace, polling events as they come; returns the start time
     (sample i is fed at start + i / 16000)."""
     t0 = time.monotonic()
@@ -65,7 +65,7 @@ def _speak(session: Session, audio: np.ndarray, sink: list[tuple[float, Event]])
     return t0
 
 
-def _wait(session: Session, sink: list[tuple[float, Event]], until: type, timeout: float) -> float | None:
+def _wait(session: LocalSession, sink: list[tuple[float, Event]], until: type, timeout: float) -> float | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for t, e in sink:
@@ -145,7 +145,7 @@ def bench_latency(
         for mode, la in (v for _ in range(runs) for v in variants):
             # -- time to first audio
             variant = cfg.replace(turn_detection=TurnDetection(type=mode), first_chunk_lookahead_frames=la)
-            s = Session(runner, vad, recognizer, variant, turn_model)
+            s = LocalSession(runner, vad, recognizer, variant, turn_model)
             ev: list[tuple[float, Event]] = []
             t_spoken = _speak(s, np.concatenate([silence, question]), ev) + q_end / 16000
             t_commit = None
@@ -177,7 +177,7 @@ def bench_latency(
             if (mode, la) != variants[0]:
                 continue
             # -- barge-in (once per run): a new answer, then "stop omni" while it plays
-            s2 = Session(runner, vad, recognizer, cfg.replace(max_audio_lead_ms=1000))
+            s2 = LocalSession(runner, vad, recognizer, cfg.replace(max_audio_lead_ms=1000))
             ev2: list[tuple[float, Event]] = []
             _speak(s2, np.concatenate([silence, question, np.zeros(int(0.7 * 16000), np.float32)]), ev2)
             if _wait(s2, ev2, AudioChunk, 120) is not None:

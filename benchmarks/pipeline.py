@@ -22,7 +22,7 @@ from model.audio import load_audio_file
 from model.omni import OmniModel
 from model.prompts import Task
 from streaming.events import AudioChunk
-from streaming.runner import ModelRunner, ResponseHandle, ResponseRequest
+from streaming.runner import ModelRunner, ResponseRequest
 
 from .decode import REAL_TIME_STEPS_PER_S
 from .machine import machine_info, rss_mb
@@ -52,27 +52,21 @@ def bench_pipeline(
     rows = []
     try:
         for n in levels:
-            handles = [
-                ResponseHandle(f"r{i}", "i", ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=steps,
-                               stop_rules=False, max_audio_lead_ms=1e9, max_chunk_frames=max_chunk_frames))
-                for i in range(n)
-            ]  # fmt: skip
+            request = ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=steps, stop_rules=False,
+                                      max_audio_lead_ms=1e9, max_chunk_frames=max_chunk_frames)  # fmt: skip
             t0 = time.monotonic()
-            for h in handles:
-                runner.submit(h)
+            handles = [runner.stream(f"r{i}", request) for i in range(n)]
             stats = [_Answer() for _ in handles]
             deadline = t0 + 60 + steps * n
-            while time.monotonic() < deadline and not all(h.done.is_set() and h.events.empty() for h in handles):
+            while time.monotonic() < deadline and not all(h.done is not None for h in handles):
                 for h, st in zip(handles, stats, strict=True):
-                    while not h.events.empty():
-                        ev = h.events.get_nowait()
+                    for ev in h.drain():
                         now = time.monotonic()
                         if isinstance(ev, AudioChunk):
                             first = st.first = now if st.first is None else st.first
                             st.stall = max(st.stall, now - (first + st.audio_s))  # > 0: it came late
                             st.audio_s += len(ev.pcm) / 2 / 24000
                             st.end = now
-                runner.wake()
                 time.sleep(0.002)
             rtf = [st.audio_s / (st.end - st.first) for st in stats if st.first is not None and st.end > st.first]
             # one decode step = one frame: steps/s of an answer from its first chunk to its last

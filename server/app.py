@@ -15,12 +15,10 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from model.omni import OmniModel
-from streaming.config import SessionConfig
 from streaming.detector import RecognizerWorker
 from streaming.events import ResponseDone
 from streaming.runner import ModelRunner
 from streaming.semantic_turn import SmartTurn
-from streaming.session import Session
 from streaming.vad import SileroVAD
 
 from .metrics import Metrics
@@ -132,11 +130,7 @@ def create_app(engine: Engine) -> FastAPI:
         offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
         await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
         session_id = "sess_" + secrets.token_hex(8)
-        config = SessionConfig(max_new_tokens=settings.max_new_tokens)
-        session = Session(engine.runner, engine.vad, engine.recognizer, config, turn_model=engine.turn_model)
-        conn = Connection(
-            ws, session, session_id, engine.model.config.name, engine.demo, settings.send_buffer_events, engine.on_event
-        )
+        conn = Connection(ws, engine, session_id)
         engine.connections.add(conn)
         engine.metrics.active_sessions.set(len(engine.connections))
         log.info("session %s opened (%d/%d slots used)", session_id, len(engine.connections), settings.max_sessions)
@@ -145,8 +139,8 @@ def create_app(engine: Engine) -> FastAPI:
         finally:
             engine.connections.discard(conn)
             engine.metrics.active_sessions.set(len(engine.connections))
-            with contextlib.suppress(Exception):
-                await ws.close()
+            with contextlib.suppress(Exception):  # bounded: a client that reads nothing takes no close frame
+                await asyncio.wait_for(ws.close(), settings.send_timeout_s)
             log.info("session %s closed", session_id)
 
     web_dir = settings.web_dir or Path(__file__).resolve().parent.parent / "clients" / "web"

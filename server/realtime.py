@@ -1,10 +1,13 @@
 """The `/v1/realtime` WebSocket: one `Connection` per client, mapping the wire protocol
 (shared/PROTOCOL.md) onto a `streaming.Session` and the session's typed events back.
 
-The event loop only moves bytes: session calls that compute (VAD, resampling) run in a
-worker thread, one at a time per connection; the model runs on the runner's thread.
-Outgoing events go through a bounded queue: a client that stops reading is cut off
-when it fills, without slowing anyone else.
+The connection's tasks own the session (sans-I/O) and drive it on the event loop: client
+events go in as they arrive; the compute of input audio (decode, resample, VAD) runs in a
+worker thread, one call at a time; the runner's events, the recognizer's verdicts and the
+end-of-turn model's scores are pushed onto the loop (`Driver.post`) and fed in as they come.
+Nothing here waits on a lock or a queue that a worker holds. Outgoing events go through a
+queue bounded in events and bytes: a client that stops reading is cut off (1008) when it
+fills or when one send waits too long, without slowing anyone else.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ import itertools
 import json
 import logging
 import struct
+import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from model.codec import SNAC_SAMPLE_RATE
 from model.vision import NO_IMAGES, ImageError, image_pixels
+from streaming.audio_in import InvalidAudio
 from streaming.config import InterruptMode, SessionConfig, TurnDetection
 from streaming.detector import ASR_MODEL_NAME
+from streaming.driver import Answer, AudioFrontEnd, Driver, TurnScored
 from streaming.events import (
     AudioChunk,
     Event,
@@ -36,12 +42,14 @@ from streaming.events import (
     Interrupted,
     ResponseCreated,
     ResponseDone,
+    ScoreTurn,
     SessionError,
     SpeechStarted,
     SpeechStopped,
     TranscriptDelta,
 )
 from streaming.g711 import G711Encoder
+from streaming.runner import SERVER_ERROR_MESSAGE
 from streaming.session import ACTIVE_RESPONSE, Session, active_response_message
 
 from .protocol import (
@@ -70,9 +78,12 @@ from .protocol import (
     parse_client_event,
 )
 
+if TYPE_CHECKING:
+    from .app import Engine
+
 log = logging.getLogger("omnivox.server")
 
-OUTPUT_RATE = 24000
+OUTPUT_RATE = SNAC_SAMPLE_RATE  # output audio/pcm is SNAC's own rate
 
 
 MAX_ITEMS = 1024  # conversation items kept for retrieve/delete/previous_item_id (oldest dropped first)
@@ -90,6 +101,7 @@ class _ResponseState:
     metadata: dict[str, Any] | None = None
     in_conversation: bool = True  # False: out-of-band (response.conversation "none")
     encoder: G711Encoder | None = None  # output audio in G.711
+    truncated_at_ms: float | None = None  # conversation.item.truncate while it was still running
 
 
 @dataclass
@@ -100,25 +112,42 @@ class _ResponseOptions:
     in_conversation: bool
 
 
+class _ConnectionDriver(Driver):
+    """The end-of-turn model runs in a worker thread; its score comes back like every answer."""
+
+    def score_turn(self, w: ScoreTurn) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self.turn_probability, w.audio)
+        future.add_done_callback(lambda f: self.post(TurnScored(w.ticket, None if f.exception() else f.result())))
+
+
 class Connection:
-    def __init__(
-        self,
-        ws: WebSocket,
-        session: Session,
-        session_id: str,
-        model_name: str,
-        demo: bool,
-        send_buffer: int,
-        on_event: Callable[[str, Any], None] | None = None,
-    ) -> None:
+    def __init__(self, ws: WebSocket, engine: Engine, session_id: str) -> None:
         self.ws = ws
-        self.session = session
+        self.engine = engine
+        settings = engine.settings
         self.session_id = session_id
-        self.model_name = model_name
-        self.demo = demo
+        self.model_name = engine.model.config.name
+        self.demo = engine.demo
+        self.session = Session(
+            SessionConfig(max_new_tokens=settings.max_new_tokens),
+            takes_images=engine.model.takes_images,
+            recognizer=engine.recognizer is not None,
+            turn_model=engine.turn_model is not None,
+        )
+        self.front = AudioFrontEnd(engine.vad, self.session.config)
+        # Answers from the runner/recognizer/turn-model threads; bounded by the runner's
+        # unacknowledged-event limit and the recognizer's job list.
+        self._answers: asyncio.Queue[Answer] = asyncio.Queue()
+        self.driver = _ConnectionDriver(self.session, engine.runner, engine.recognizer, engine.turn_model, self._post)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.binary_audio = False
         self.instructions = ""
-        self._out: asyncio.Queue[str | bytes | None] = asyncio.Queue(maxsize=send_buffer)
+        self._out: asyncio.Queue[str | bytes | None] = asyncio.Queue(maxsize=settings.send_buffer_events)
+        self._out_bytes = 0  # queued, not yet handed to the socket
+        self._max_out_bytes = settings.send_buffer_bytes
+        self._send_timeout_s = settings.send_timeout_s
+        self._sending_since: float | None = None  # a send the client has not taken yet started then
         self._ids = itertools.count(1)
         self._responses: dict[str, _ResponseState] = {}
         self._response_options: dict[str, _ResponseOptions] = {}
@@ -135,36 +164,42 @@ class Connection:
             "noise_reduction": None,
             "transcription": None,
         }
-        self._on_event = on_event or (lambda kind, value: None)
+        self._on_event = engine.on_event
         self._closing = False
-        self._wake = asyncio.Event()
-        self._close_task: asyncio.Task[None] | None = None
+        self._cut_off: asyncio.Task[None] | None = None
 
     # ---------------- lifecycle ----------------
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._send({"type": "session.created", "session": self.session_view()})
         sender = asyncio.create_task(self._sender())
         pump = asyncio.create_task(self._pump())
+        watchdog = asyncio.create_task(self._watch_sends())
         try:
             await self._receiver()
         finally:
             self._closing = True
-            pump.cancel()
-            await asyncio.to_thread(self.session.close)
-            with contextlib.suppress(asyncio.QueueFull):
-                self._out.put_nowait(None)
-            sender.cancel()
-            for task in (pump, sender):
+            for task in (pump, watchdog, sender):
+                task.cancel()
+            live = self.session.response
+            self.driver.close()  # the runner ends what runs for this session; nobody reads its end
+            if live is not None:
+                self._on_event("response_done", ResponseDone(live.response_id, live.item_id, "cancelled",
+                                                             live.cancelled or "client_cancelled"))  # fmt: skip
+            for task in (pump, watchdog, sender):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self._cut_off is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._cut_off
 
     async def close(self, code: int, reason: str) -> None:
         if self._closing:
             return
         self._closing = True
         with contextlib.suppress(Exception):
-            await self.ws.close(code=code, reason=reason)
+            await asyncio.wait_for(self.ws.close(code=code, reason=reason), self._send_timeout_s)
 
     async def _receiver(self) -> None:
         while not self._closing:
@@ -178,12 +213,14 @@ class Connection:
                 await self._on_binary(message["bytes"])
             elif message.get("text") is not None:
                 await self._on_text(message["text"])
+            self._flush()
 
     async def _sender(self) -> None:
         while True:
             item = await self._out.get()
             if item is None:
                 return
+            self._sending_since = time.monotonic()
             try:
                 if isinstance(item, bytes):
                     await self.ws.send_bytes(item)
@@ -191,17 +228,49 @@ class Connection:
                     await self.ws.send_text(item)
             except Exception:
                 return
+            finally:
+                self._sending_since = None
+                self._out_bytes -= len(item)
+
+    async def _watch_sends(self) -> None:
+        """A send the client does not take within send_timeout_s cuts it off (it stopped reading)."""
+        while not self._closing:
+            await asyncio.sleep(min(1.0, self._send_timeout_s / 4))
+            since = self._sending_since
+            if since is not None and time.monotonic() - since > self._send_timeout_s:
+                self._cut(f"the client took no data for {self._send_timeout_s:.0f} s")
+
+    def _post(self, answer: Answer) -> None:
+        """Called on the runner's, the recognizer's and executor threads: hand over, never block."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
+                loop.call_soon_threadsafe(self._answers.put_nowait, answer)
 
     async def _pump(self) -> None:
-        """Move session events to the client as they come."""
+        """Feed the answers into the session as they are pushed; run the session's timers."""
         while not self._closing:
-            self._drain()
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.01)
+            deadline = self.session.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                first = await asyncio.wait_for(self._answers.get(), timeout)
+            except TimeoutError:
+                first = None
+            self._feed_waiting(first)
 
-    def _drain(self) -> None:
-        for event in self.session.poll():
+    def _feed_waiting(self, first: Answer | None = None) -> None:
+        answers = [] if first is None else [first]
+        while not self._answers.empty():
+            answers.append(self._answers.get_nowait())
+        if answers:
+            self.driver.feed(answers)
+        self.session.tick(time.monotonic())
+        self._flush()
+
+    def _flush(self) -> None:
+        """The session's work to the engines, its events to the wire."""
+        self.driver.perform()
+        for event in self.session.take_events():
             self._map_event(event)
 
     # ---------------- output ----------------
@@ -218,16 +287,28 @@ class Connection:
     def _enqueue(self, data: str | bytes) -> None:
         if self._closing:
             return
-        try:
-            self._out.put_nowait(data)
-        except asyncio.QueueFull:
-            log.warning("session %s: client is not reading; disconnecting", self.session_id)
-            self._closing = True
-            self._close_task = asyncio.get_running_loop().create_task(self._hard_close())
+        if self._out_bytes + len(data) > self._max_out_bytes or self._out.full():
+            self._cut("its send buffer is full")
+            return
+        self._out_bytes += len(data)
+        self._out.put_nowait(data)
 
-    async def _hard_close(self) -> None:
+    def _cut(self, why: str) -> None:
+        """A client that stopped reading: what waits for it is dropped, the session ends (1008)."""
+        if self._closing:
+            return
+        log.warning("session %s: the client is not reading (%s); disconnecting", self.session_id, why)
+        self._closing = True
+        while not self._out.empty():
+            self._out.get_nowait()
+        self._out_bytes = 0
+        self._cut_off = asyncio.get_running_loop().create_task(self._close_slow_client())
+
+    async def _close_slow_client(self) -> None:
+        # The close frame waits behind what the client has not read; if it never reads again, the
+        # handler ends anyway and the server drops the connection.
         with contextlib.suppress(Exception):
-            await self.ws.close(code=1008, reason="send buffer full: the client is not reading")
+            await asyncio.wait_for(self.ws.close(code=1008, reason="the client is not reading"), self._send_timeout_s)
 
     def _error(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
         self._send(error_event(ProtocolError(code, message, param, event_id), self._new_event_id()))
@@ -276,8 +357,8 @@ class Connection:
                 "max_audio_lead_ms": cfg.max_audio_lead_ms,
                 "first_chunk_lookahead_frames": cfg.first_chunk_lookahead_frames,
                 "demo_checkpoint": self.demo,
-                "model_family": self.session.runner.model.family,
-                "images": self.session.runner.model.takes_images,  # input_image accepted (Mini-Omni2)
+                "model_family": self.engine.model.family,
+                "images": self.engine.model.takes_images,  # input_image accepted (Mini-Omni2)
             },
         }
 
@@ -347,7 +428,6 @@ class Connection:
         elif isinstance(event, TranscriptDelta):
             st = self._responses.get(event.response_id)
             if st is not None:
-                st.transcript += event.delta
                 kind = "response.output_audio_transcript.delta" if st.audio else "response.output_text.delta"
                 self._send({"type": kind, **self._where(st), "delta": event.delta})
         elif isinstance(event, AudioChunk):
@@ -424,7 +504,6 @@ class Connection:
         st = self._responses.get(event.response_id)
         if st is None:
             return
-        st.audio_ms += len(event.pcm) / 2 / OUTPUT_RATE * 1000
         self._send_audio(st, event.pcm if st.encoder is None else st.encoder.encode(event.pcm), event.seq)
 
     def _send_audio(self, st: _ResponseState, data: bytes, seq: int) -> None:
@@ -441,6 +520,10 @@ class Connection:
         st = self._responses.pop(event.response_id, None)
         if st is None:
             return
+        # What the client received (the session's count): the item keeps it.
+        st.transcript, st.audio_ms = event.transcript, event.audio_ms
+        if st.truncated_at_ms is not None:
+            self._cut_transcript(st, st.truncated_at_ms)
         where = self._where(st)
         if st.audio:
             if st.encoder is not None:
@@ -495,33 +578,41 @@ class Connection:
         if not self.binary_audio:
             self._error("invalid_event", "binary frames need session.update omnivox.binary_audio=true first")
             return
-        if self.session.config.input_format == "audio/pcm" and len(data) % 2:
-            self._error("invalid_audio", f"PCM16 audio needs an even number of bytes, got {len(data)}")
+        await self._append(data)
+
+    async def _append(self, data: bytes) -> None:
+        """Input audio: decoded, resampled and VAD-scored off the loop, then into the session."""
+        try:
+            audio16, probs = await asyncio.to_thread(self.front.process, data)
+        except InvalidAudio as e:
+            self._error("invalid_audio", str(e))
             return
-        await asyncio.to_thread(self.session.append_audio, data)
-        self._wake.set()
+        self.session.receive_audio(audio16, probs, time.monotonic())
 
     async def _on_text(self, text: str) -> None:
         try:
             event = parse_client_event(text)
             await self._dispatch(event)
-        except ProtocolError as e:
+        except ProtocolError as e:  # the client's mistake: one line, no traceback
+            log.warning("session %s: %s (%s)", self.session_id, e.message, e.code)
             self._send(error_event(e, self._new_event_id()))
-        self._wake.set()
+        except Exception:  # ours: the event fails, the session lives
+            log.exception("session %s: handling a client event failed", self.session_id)
+            self._error("server_error", SERVER_ERROR_MESSAGE)
 
     async def _dispatch(self, ev: ClientEvent) -> None:
         s = self.session
+        now = time.monotonic()
         if not isinstance(ev, AudioAppend):
-            self._drain()  # the conversation as the session has it (e.g. a commit just made) comes first
+            self._feed_waiting()  # the conversation as it stands (e.g. a response that just ended) comes first
         if isinstance(ev, AudioAppend):
-            pcm = decode_audio(ev.audio, ev.event_id, even=s.config.input_format == "audio/pcm")
-            await asyncio.to_thread(s.append_audio, pcm)
+            await self._append(decode_audio(ev.audio, ev.event_id, even=s.config.input_format == "audio/pcm"))
         elif isinstance(ev, SessionUpdate):
             self._update(ev)
         elif isinstance(ev, AudioCommit):
-            await asyncio.to_thread(s.commit)
+            s.commit(now)
         elif isinstance(ev, AudioClear):
-            await asyncio.to_thread(s.clear)
+            s.clear()
         elif isinstance(ev, ItemCreate):
             await self._item_create(ev)
         elif isinstance(ev, ItemRetrieve):
@@ -540,15 +631,15 @@ class Connection:
         elif isinstance(ev, ResponseCreate):
             await self._response_create(ev)
         elif isinstance(ev, ResponseCancel):
-            current = s.response
-            if current is None or (ev.response_id is not None and ev.response_id != current.response_id):
+            current = s.responding
+            if current is None or (ev.response_id is not None and ev.response_id != current):
                 raise ProtocolError("response_cancel_not_active", "Cancellation failed: no active response found",
                                     None, ev.event_id)  # fmt: skip
             s.cancel_response("client_cancelled")
         elif isinstance(ev, ItemTruncate):
             self._truncate(ev)
         elif isinstance(ev, Playback):
-            s.report_playback(ev.played_ms)
+            s.report_playback(ev.played_ms, now)
 
     def _update(self, ev: SessionUpdate) -> None:
         cfg = self.session.config
@@ -611,7 +702,8 @@ class Connection:
             self.binary_audio = sess.omnivox.binary_audio
         self._echo = echo
         self.output_format = output_format
-        self.session.update(config)
+        if self.session.update(config):
+            self.front = AudioFrontEnd(self.engine.vad, config)  # the input starts afresh
         self._send({"type": "session.updated", "session": self.session_view()})
 
     async def _item_create(self, ev: ItemCreate) -> None:
@@ -644,7 +736,7 @@ class Connection:
         for i, part in enumerate(item.content):
             if part.type != "input_image":
                 continue
-            if not self.session.runner.model.takes_images:
+            if not self.engine.model.takes_images:
                 raise ProtocolError("image_not_supported", NO_IMAGES, f"item.content.{i}", event_id)
             param = f"item.content.{i}.image_url"
             data = decode_image_url(part.image_url, param, event_id)
@@ -666,14 +758,18 @@ class Connection:
                 if not part.text or not part.text.strip():
                     raise ProtocolError("invalid_event", "input_text needs a non-empty text",
                                         f"item.content.{i}.text", event_id)  # fmt: skip
-                item_id = self.session.add_text(part.text, item_id=item_id)
+                item_id = self.session.add_text(part.text, time.monotonic(), item_id=item_id)
                 echoed.append({"type": "input_text", "text": part.text})
             else:
                 if not part.audio:
                     raise ProtocolError("invalid_event", "input_audio needs audio", f"item.content.{i}.audio",
                                         event_id)  # fmt: skip
                 data = decode_audio(part.audio, event_id, even=self.session.config.input_format == "audio/pcm")
-                item_id = await asyncio.to_thread(self.session.add_audio, data, item_id)
+                try:
+                    audio16 = await asyncio.to_thread(self.front.whole, data)
+                except InvalidAudio as e:
+                    raise ProtocolError("invalid_audio", str(e), f"item.content.{i}.audio", event_id) from None
+                item_id = self.session.add_audio(audio16, item_id)
                 if item_id is None:
                     return None, echoed
                 echoed.append({"type": "input_audio", "transcript": part.transcript})
@@ -682,8 +778,8 @@ class Connection:
     async def _response_create(self, ev: ResponseCreate) -> None:
         s = self.session
         r = ev.response
-        if s.response is not None:  # checked first: nothing of this request may touch the session
-            raise ProtocolError(ACTIVE_RESPONSE, active_response_message(s.response.response_id), None, ev.event_id)
+        if s.responding is not None:  # checked first: nothing of this request may touch the session
+            raise ProtocolError(ACTIVE_RESPONSE, active_response_message(s.responding), None, ev.event_id)
         modalities = tuple(r.output_modalities) if r and r.output_modalities else None
         max_tokens = r.max_output_tokens if r else None
         max_new = None if max_tokens is None or max_tokens == "inf" else int(max_tokens)
@@ -694,14 +790,14 @@ class Connection:
             item_id = self._answerable_item()
         if item_id is None and r is not None and r.instructions and r.instructions.strip():
             # Nothing to answer but instructions (e.g. "greet the user"): Mini-Omni answers them as text.
-            item_id = s.add_text(r.instructions.strip(), item_id=self._new_item_id())
+            item_id = s.add_text(r.instructions.strip(), time.monotonic(), item_id=self._new_item_id())
         if item_id is None:
             raise ProtocolError("invalid_request",
                                 "there is no user input to respond to: Mini-Omni answers a user message "
                                 "(audio or text) or the response's instructions", "response", ev.event_id)  # fmt: skip
         in_conversation = r is None or r.conversation != "none"
         metadata = r.metadata if r is not None else None
-        response_id = s.create_response(modalities, item_id=item_id, max_new_tokens=max_new)
+        response_id = s.create_response(time.monotonic(), modalities, item_id=item_id, max_new_tokens=max_new)
         if response_id is not None:
             self._response_options[response_id] = _ResponseOptions(metadata, in_conversation)
 
@@ -726,21 +822,25 @@ class Connection:
 
     def _truncate(self, ev: ItemTruncate) -> None:
         st = self._assistant_items.get(ev.item_id)
-        if st is None:
+        if st is not None:
+            self._cut_transcript(st, ev.audio_end_ms)
+        else:
             st = next((r for r in self._responses.values() if r.item_id == ev.item_id), None)
             if st is None:
                 raise ProtocolError("item_truncate_invalid_item_id", f"no assistant audio item {ev.item_id!r}",
                                     "item_id", ev.event_id)  # fmt: skip
-        if st.audio_ms > 0 and ev.audio_end_ms < st.audio_ms:
-            # The text runs ahead of the audio; keep the share of it the user heard.
-            keep = int(len(st.transcript) * ev.audio_end_ms / st.audio_ms)
-            st.transcript = st.transcript[:keep]
-            stored = self._items.get(ev.item_id)
-            if stored is not None and stored["content"]:
-                stored["content"][0]["transcript"] = st.transcript
-        self.session.report_playback(ev.audio_end_ms)
+            st.truncated_at_ms = ev.audio_end_ms  # applied when it ends
+        self.session.report_playback(ev.audio_end_ms, time.monotonic())
         self._send({"type": "conversation.item.truncated", "item_id": ev.item_id, "content_index": ev.content_index,
                     "audio_end_ms": ev.audio_end_ms})  # fmt: skip
+
+    def _cut_transcript(self, st: _ResponseState, audio_end_ms: float) -> None:
+        if st.audio_ms > 0 and audio_end_ms < st.audio_ms:
+            # The text runs ahead of the audio; keep the share of it the user heard.
+            st.transcript = st.transcript[: int(len(st.transcript) * audio_end_ms / st.audio_ms)]
+            stored = self._items.get(st.item_id)
+            if stored is not None and stored["content"]:
+                stored["content"][0]["transcript"] = st.transcript
 
 
 def _format_view(fmt: str, rate: int) -> dict[str, Any]:

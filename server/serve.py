@@ -89,7 +89,7 @@ def make_server(engine: Engine) -> OmnivoxServer:
         create_app(engine),
         host=s.host,
         port=s.port,
-        ws="websockets",
+        ws="websockets-sansio",  # uvicorn's legacy websockets implementation is deprecated
         ws_max_size=s.max_frame_bytes,
         ws_ping_interval=20,
         ws_ping_timeout=20,

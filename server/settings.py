@@ -23,7 +23,11 @@ class ServerSettings(BaseSettings):
     allow_unauthenticated: bool = False  # needed to bind a non-loopback address without a key
     max_sessions: int = Field(8, ge=1, le=1024)
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    send_buffer_events: int = Field(512, ge=16)  # a client this many events behind is disconnected
+    # A client this far behind (events or bytes queued for it), or that takes nothing for
+    # send_timeout_s while data waits, is disconnected with 1008.
+    send_buffer_events: int = Field(512, ge=16)
+    send_buffer_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    send_timeout_s: float = Field(10.0, gt=0)
     max_new_tokens: int | None = None
     interrupt_detector: bool = True  # load the faster-whisper command detector
     turn_model: bool = True  # load the Smart Turn end-of-turn model that semantic_vad uses

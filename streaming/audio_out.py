@@ -123,8 +123,9 @@ def decode_windows(codec: SnacCodec, windows: Sequence[Window]) -> list[np.ndarr
     by_size: dict[int, list[int]] = {}
     for i, w in enumerate(windows):
         by_size.setdefault(w.size, []).append(i)
-    for idx in by_size.values():
-        audio = codec.decode_batch(torch.stack([windows[i].frames() for i in idx]))
+    decoded = [(idx, codec.decode_batch(torch.stack([windows[i].frames() for i in idx]))) for idx in by_size.values()]
+    # Only once every call succeeded do the decoders move on: a failed call can be retried.
+    for idx, audio in decoded:
         for row, i in enumerate(idx):
             chunks[i] = windows[i].take(audio[row])
     return [c for c in chunks if c is not None]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
-import queue
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,8 +22,7 @@ import numpy as np
 
 from model.prompts import Task
 
-from .events import ResponseDone
-from .runner import ModelRunner, ResponseHandle, ResponseRequest
+from .runner import ModelRunner, ResponseRequest
 
 log = logging.getLogger(__name__)
 
@@ -93,41 +92,83 @@ class _Job:
     audio: np.ndarray
     prompt: str | None
     callback: Callable[[str | None], None]
+    droppable: bool  # a partial check that a later one supersedes
 
 
 class RecognizerWorker:
-    """A thread that runs the recognizer for every session, with a bounded job queue."""
+    """A thread that runs the recognizer for every session, with a bounded job list.
+
+    `submit` never blocks: when the list is full, a job that must not be lost (a final
+    command check, an input transcription) takes the place of the oldest droppable one (a
+    partial check, superseded anyway), whose callback gets None; a droppable job is refused.
+    Callbacks run on the recognizer's thread: they must only hand the result on."""
 
     def __init__(self, recognizer: SpeechRecognizer, max_jobs: int = 16) -> None:
         self.recognizer = recognizer
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_jobs)
+        self.max_jobs = max_jobs
+        self._jobs: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="omnivox-asr", daemon=True)
         self._thread.start()
 
-    def submit(self, audio: np.ndarray, prompt: str | None, callback: Callable[[str | None], None], wait: bool) -> bool:
-        """Queue a transcription; `wait=False` (partial checks) gives up when the queue is full."""
-        try:
-            self._jobs.put(_Job(audio, prompt, callback), block=wait, timeout=2.0 if wait else None)
-            return True
-        except queue.Full:
-            return False
+    def submit(
+        self, audio: np.ndarray, prompt: str | None, callback: Callable[[str | None], None], droppable: bool = False
+    ) -> bool:
+        """Queue a transcription; False (and no callback) when it cannot be taken."""
+        evicted: _Job | None = None
+        with self._cond:  # held for a list operation only, never while transcribing
+            if self._closed:
+                return False
+            if len(self._jobs) >= self.max_jobs:
+                if droppable:
+                    return False
+                evicted = next((j for j in self._jobs if j.droppable), None)
+                if evicted is None:
+                    return False
+                self._jobs.remove(evicted)
+            self._jobs.append(_Job(audio, prompt, callback, droppable))
+            self._cond.notify()
+        if evicted is not None:
+            _call(evicted.callback, None)
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._jobs)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
             text: str | None
             try:
                 text = self.recognizer.transcribe(job.audio, job.prompt)
             except Exception:
                 log.exception("speech recognition failed")
                 text = None
-            try:
-                job.callback(text)
-            except Exception:
-                log.exception("recognizer callback failed")
+            _call(job.callback, text)
 
     def close(self) -> None:
-        self._jobs.put(None)
+        with self._cond:
+            self._closed = True
+            dropped = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify()
+        for job in dropped:
+            _call(job.callback, None)
         self._thread.join(timeout=5)
+
+
+def _call(callback: Callable[[str | None], None], text: str | None) -> None:
+    try:
+        callback(text)
+    except Exception:
+        log.exception("recognizer callback failed")
 
 
 class ModelASR:
@@ -145,13 +186,9 @@ class ModelASR:
 
     def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
         request = ResponseRequest(Task.A1T1, audio=audio, max_new_tokens=self.max_new_tokens)
-        handle = ResponseHandle(f"asr_{next(self._ids)}", "", request)
-        self.runner.submit(handle)
-        if not handle.done.wait(self.timeout_s):
-            handle.cancel("timeout")
+        stream = self.runner.stream(f"asr_{next(self._ids)}", request)
+        done = stream.wait(self.timeout_s)
+        if done is None:
+            stream.cancel("timeout")
             return ""
-        while not handle.events.empty():
-            event = handle.events.get_nowait()
-            if isinstance(event, ResponseDone):
-                return event.transcript.strip()
-        return ""
+        return done.transcript.strip() if done.status == "completed" else ""

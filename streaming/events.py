@@ -99,3 +99,55 @@ class Interrupted(Event):
 class SessionError(Event):
     code: str
     message: str
+
+
+def pcm16_ms(pcm: bytes, rate: int = 24000) -> float:
+    """Duration of mono PCM16 audio (24 kHz: SNAC's rate, the output audio)."""
+    return len(pcm) / 2 / rate * 1000
+
+
+# ---------------- work a session asks its driver to do ----------------
+
+
+@dataclass(frozen=True)
+class Work:
+    pass
+
+
+@dataclass(frozen=True)
+class StartResponse(Work):
+    response_id: str
+    item_id: str
+    request: Any  # streaming.runner.ResponseRequest
+
+
+@dataclass(frozen=True)
+class CancelResponse(Work):
+    response_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlaybackAt(Work):
+    """Audio position 0 of the response played at `started_at` (the session's clock)."""
+
+    response_id: str
+    started_at: float
+
+
+@dataclass(frozen=True)
+class Transcribe(Work):
+    """Run the speech recognizer; the text comes back through `Session.recognized(ticket, ...)`."""
+
+    ticket: int
+    audio: Any  # 16 kHz float32 numpy array
+    prompt: str | None
+    droppable: bool  # a partial command check, superseded by the next one
+
+
+@dataclass(frozen=True)
+class ScoreTurn(Work):
+    """Run the end-of-turn model; p(complete) comes back through `Session.turn_scored(ticket, ...)`."""
+
+    ticket: int
+    audio: Any

@@ -1,12 +1,24 @@
-"""The model runner: one thread that owns the model and steps every active response.
+"""The model runner: three stages, each a thread that owns its state and is fed by messages.
 
-Sessions submit `ResponseRequest`s and read typed events from each response's bounded
-queue. Each round, new responses are prefilled one by one (their prompt lengths differ) and
-the decode steps of all the others run together in one batched forward (continuous
-batching: responses join and leave between steps), so many sessions' answers progress at
-once for about the cost of one. Only a response whose consumer keeps up (queue room) and
-that is not too far ahead of playback steps. SNAC decoding runs on a second thread,
-overlapped with the next LLM step.
+- encoder thread: Whisper/CLIP turn a request into a prompt (a new turn's ~1 s encode slows the
+  answers being decoded instead of stopping them), and tells the decode thread.
+- decode thread (the runner proper): owns every response's state. Each round, new responses
+  are prefilled one by one (their prompt lengths differ) and the decode steps of all others run
+  together in one batched forward (continuous batching: responses join and leave between
+  steps). A response steps only while its consumer keeps up (acknowledged events) and while it
+  is not too far ahead of playback.
+- SNAC thread: owns every response's audio decoder; decodes the ready windows of all answers
+  together, then sends each answer's audio, and its `ResponseDone` after its last audio.
+
+The consumer of a response gives a `sink` that each stage calls with the response's events, in
+order; the sink must not block (the server posts them onto its event loop). The consumer
+answers with `ack(response_id, n)` as it takes events and `playback(response_id, started_at)`
+when playback starts; `cancel` ends a response within one step. Every response ends with
+exactly one `ResponseDone`, made here and nowhere else.
+
+A failure ends only the responses it touched: a failed batched step is retried response by
+response (a step is retry-safe: nothing of it is kept unless it completes), so one bad row
+fails only itself, with status "failed" and a generic message (details in the log).
 """
 
 from __future__ import annotations
@@ -16,13 +28,16 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from model.codec import SAMPLES_PER_FRAME, SNAC_SAMPLE_RATE, to_pcm16
 from model.decoding import Generation, SamplingConfig, StepOutput
+from model.errors import InputError
 from model.omni import OmniModel
 from model.prompts import Prompt, Task
 
@@ -32,6 +47,14 @@ from .events import AudioChunk, Event, ResponseDone, TranscriptDelta
 log = logging.getLogger(__name__)
 
 FRAME_MS = SAMPLES_PER_FRAME / SNAC_SAMPLE_RATE * 1000  # 85.33
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request."  # OpenAI's wording
+MAX_FRAMES_IN_SNAC = 16  # frames a response may have waiting on the SNAC thread
+
+Sink = Callable[[Event], None]
+
+
+class RunnerFull(Exception):
+    """Every slot is taken (active + waiting responses): try again shortly."""
 
 
 @dataclass(frozen=True)
@@ -51,83 +74,118 @@ class ResponseRequest:
     max_audio_lead_ms: float = 1000.0
     stop_rules: bool = True  # False: run the whole budget (benchmarks of steady-state speed)
 
+    @property
+    def min_lead_ms(self) -> float:
+        """Never less lead than the first exact chunk needs, or the first audio would never come."""
+        return max(self.max_audio_lead_ms, (self.max_chunk_frames + self.lookahead_frames + 1) * FRAME_MS)
 
-class ResponseHandle:
-    """The session's side of one response: its events, cancellation and playback clock."""
 
-    def __init__(self, response_id: str, item_id: str, request: ResponseRequest, max_events: int = 256) -> None:
-        self.response_id = response_id
-        self.item_id = item_id
-        self.request = request
-        self.events: queue.Queue[Event] = queue.Queue(maxsize=max_events)
-        self.cancelled = threading.Event()
-        self.cancel_reason = "client_cancelled"
-        self.first_audio_sent_at: float | None = None  # set by the consumer: playback starts
-        self.frames_made = 0
-        self.done = threading.Event()
+def failure_message(exc: BaseException) -> str:
+    """What a client is told of a failure: an input's own message, else a generic one."""
+    return str(exc) if isinstance(exc, InputError) else SERVER_ERROR_MESSAGE
 
-    def cancel(self, reason: str = "client_cancelled") -> None:
-        if not self.cancelled.is_set():
-            self.cancel_reason = reason
-            self.cancelled.set()
 
-    def mark_audio_sent(self, now: float) -> None:
-        if self.first_audio_sent_at is None:
-            self.first_audio_sent_at = now
+# ---------------- messages between the stages ----------------
 
-    def audio_lead_ok(self, now: float) -> bool:
-        """Generation may run at most max_audio_lead_ms of audio ahead of playback."""
-        played = 0.0 if self.first_audio_sent_at is None else (now - self.first_audio_sent_at) * 1000
-        req = self.request
-        # Never below what the first exact chunk needs, or the first audio would never come.
-        lead = max(req.max_audio_lead_ms, (req.max_chunk_frames + req.lookahead_frames + 1) * FRAME_MS)
-        return self.frames_made * FRAME_MS - played < lead
 
-    def has_room(self, needed: int = 8) -> bool:
-        return self.events.maxsize - self.events.qsize() >= needed
+@dataclass(frozen=True)
+class _Submit:
+    job: _Job
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    key: int
+    prompt: Prompt | None
+    encode_ms: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    key: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Ack:
+    key: int
+    n: int
+
+
+@dataclass(frozen=True)
+class _Playback:
+    key: int
+    started_at: float  # monotonic time at which the response's audio position 0 played
+
+
+@dataclass(frozen=True)
+class _SnacProgress:
+    """From the SNAC thread: frames it took and events it sent since the last report."""
+
+    key: int
+    frames: int
+    events: int
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class _Quit:
+    pass
 
 
 @dataclass
 class _Job:
-    handle: ResponseHandle
+    """One response, as the decode thread sees it (only the decode thread touches it)."""
+
+    key: int
+    response_id: str
+    item_id: str
+    request: ResponseRequest
+    sink: Sink
+    t_submit: float = 0.0
+    prompt: Prompt | None = None
     gen: Generation | None = None
-    decoder: StreamingSnacDecoder | None = None
+    audio: bool = False  # its frames go to the SNAC thread
     text_ids: list[int] = field(default_factory=list)
     text_sent: str = ""
-    pending_frames: int = 0  # frames handed to the decode thread, not yet decoded
-    audio_seq: int = 0
-    t_submit: float = 0.0
-    prompt: Prompt | None = None  # set by the encoder thread
+    text_ended: bool = False
+    steps: int = 0
+    frames_made: int = 0
+    frames_in_snac: int = 0
+    events_sent: int = 0  # by this thread and (as reported) by the SNAC thread
+    events_acked: int = 0
+    play_start: float | None = None
     encode_ms: float = 0.0
     prefill_ms: float | None = None
     t_prefill_done: float = 0.0
     first_frame_ms: float | None = None
-    steps: int = 0
-    done: ResponseDone | None = None
-    text_ended: bool = False
+
+    def emit(self, event: Event) -> None:
+        self.events_sent += 1
+        self.sink(event)
 
 
 class ModelRunner:
-    def __init__(self, model: OmniModel, max_active: int = 16, max_pending: int = 32) -> None:
+    def __init__(self, model: OmniModel, max_active: int = 16, max_pending: int = 32, max_unacked: int = 256) -> None:
         self.model = model
         self.max_active = max_active
-        self._requests: queue.Queue[_Job] = queue.Queue(maxsize=max_pending)
-        # Encoded prompts waiting for their prefill: Whisper/CLIP run on their own thread, so a
-        # new turn's ~1 s encode slows the answers being decoded instead of stopping them.
-        self._encoded: queue.Queue[_Job] = queue.Queue(maxsize=max_pending)
-        self._encoding = 0  # jobs the encoder thread holds (0 or 1)
-        self._active: list[_Job] = []
-        self._decode_jobs: queue.Queue[tuple[_Job, str, tuple[int, ...] | None]] = queue.Queue(maxsize=256)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._ids = itertools.count(1)
+        self.max_unacked = max_unacked
+        self._slots = threading.BoundedSemaphore(max_active + max_pending)
+        # Bounded by the slots: at most one submit, one cancel per response; acks and playback
+        # reports are coalesced per batch of events by the consumer.
+        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=64 * (max_active + max_pending))
+        self._to_encode: queue.Queue[_Job | None] = queue.Queue(maxsize=max_active + max_pending + 1)
+        self._to_snac: queue.Queue[Any] = queue.Queue(maxsize=(MAX_FRAMES_IN_SNAC + 4) * (max_active + 1))
+        self._keys = itertools.count(1)
+        self._jobs: dict[int, _Job] = {}  # every response not finished, the decode thread's own
+        self._active: list[_Job] = []  # prefilled or stepping, in admission order
         self._thread = threading.Thread(target=self._run, name="omnivox-runner", daemon=True)
-        self._decoder_thread = threading.Thread(target=self._run_decoder, name="omnivox-snac", daemon=True)
+        self._decoder_thread = threading.Thread(target=self._run_snac, name="omnivox-snac", daemon=True)
         self._encoder_thread = threading.Thread(target=self._run_encoder, name="omnivox-encode", daemon=True)
-        self.steps_total = 0
+        self.steps_total = 0  # written by the decode thread only
         # torch intra-op threads as each stage's own thread sees them (OpenMP's count is per
         # thread: another library's setting on the main thread says nothing about these).
-        # One writer each; None until the thread runs.
         self.llm_threads: int | None = None
         self.encoder_threads: int | None = None
         self.snac_threads: int | None = None
@@ -142,138 +200,199 @@ class ModelRunner:
         return self
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        """Cancel what runs (each gets its ResponseDone), then stop the three threads."""
+        self._inbox.put(_Quit())
         self._thread.join(timeout=10)
-        self._encoder_thread.join(timeout=10)
-        self._decode_jobs.put((_Job(ResponseHandle("", "", ResponseRequest(Task.T1T2))), "quit", None))
-        self._decoder_thread.join(timeout=10)
 
     @property
     def active_count(self) -> int:
-        return len(self._active) + self._requests.qsize() + self._encoded.qsize() + self._encoding
+        """Responses the decode thread holds (encoding, waiting or stepping)."""
+        return len(self._jobs)
 
-    def submit(self, handle: ResponseHandle) -> None:
-        """Queue a response; raises queue.Full when the runner is saturated."""
-        self._requests.put_nowait(_Job(handle, t_submit=time.perf_counter()))
-        self._wake.set()
+    # ---------------- the consumers' side (any thread; never blocks) ----------------
 
-    def wake(self) -> None:
-        """Tell the runner that a consumer made room or playback advanced."""
-        self._wake.set()
+    def submit(self, response_id: str, item_id: str, request: ResponseRequest, sink: Sink) -> int:
+        """Queue a response; returns its key (for cancel/ack/playback: response ids are the
+        sessions' own and may repeat across sessions). Raises RunnerFull when every slot is taken."""
+        if not self._slots.acquire(blocking=False):
+            raise RunnerFull("the model is saturated; try again shortly")
+        key = next(self._keys)
+        job = _Job(key, response_id, item_id, request, sink, t_submit=time.perf_counter())
+        self._inbox.put_nowait(_Submit(job))  # before the encoder can report on it
+        self._to_encode.put_nowait(job)
+        return key
 
-    # ---------------- runner thread ----------------
+    def cancel(self, key: int, reason: str = "client_cancelled") -> None:
+        self._inbox.put_nowait(_Cancel(key, reason))
+
+    def ack(self, key: int, n: int) -> None:
+        """The consumer took n events of the response: room for more."""
+        if n:
+            self._inbox.put_nowait(_Ack(key, n))
+
+    def playback(self, key: int, started_at: float) -> None:
+        """Where playback stands: audio position 0 of the response played at `started_at`
+        (time.monotonic); generation runs at most max_audio_lead_ms ahead of it."""
+        self._inbox.put_nowait(_Playback(key, started_at))
+
+    def stream(self, response_id: str, request: ResponseRequest, item_id: str = "") -> ResponseStream:
+        """Submit a response for a plain-thread consumer (benchmarks, the model's own ASR)."""
+        return ResponseStream(self, response_id, item_id, request)
+
+    # ---------------- decode thread ----------------
 
     def _run(self) -> None:
         self.llm_threads = torch.get_num_threads()
-        while not self._stop.is_set():
+        progressed = False
+        while True:
+            # Block for the next message unless there is stepping to do; a response paused by
+            # its playback lead is looked at again soon (time, not a message, frees it).
+            paused_by_time = any(j.audio and j.play_start is not None for j in self._active)
+            timeout = 0.0 if progressed else (0.01 if paused_by_time else 0.5)
+            if self._drain_inbox(timeout):
+                break
             self._admit()
-            try:
-                progressed = self._round(time.monotonic())
-            except Exception as e:  # a broken step must not stop the runner
-                log.exception("decode round failed")
-                for job in list(self._active):
-                    self._finish(job, "failed", reason=str(e))
-                progressed = True
-            if not progressed:
-                self._wake.wait(0.01)
-                self._wake.clear()
-        for job in list(self._active):
-            job.handle.cancel("server_shutdown")
+            progressed = self._round(time.monotonic())
+        for job in list(self._jobs.values()):
             self._finish(job, "cancelled", reason="server_shutdown")
+        self._to_encode.put(None)
+        self._to_snac.put(_Quit())
+        self._encoder_thread.join(timeout=10)
+        self._decoder_thread.join(timeout=10)
+
+    def _drain_inbox(self, timeout: float) -> bool:
+        """Apply every waiting message; True when told to quit."""
+        try:
+            msg = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            if isinstance(msg, _Quit):
+                return True
+            self._on_message(msg)
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return False
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, _Submit):
+            self._jobs[msg.job.key] = msg.job
+            return
+        job = self._jobs.get(msg.key)
+        if job is None:
+            return  # finished meanwhile: late acks, cancels and reports concern nothing
+        if isinstance(msg, _Encoded):
+            if msg.error is not None:
+                self._finish(job, "failed", reason=msg.error)
+            else:
+                job.prompt, job.encode_ms = msg.prompt, msg.encode_ms
+        elif isinstance(msg, _Cancel):
+            self._finish(job, "cancelled", reason=msg.reason)
+        elif isinstance(msg, _Ack):
+            job.events_acked += msg.n
+        elif isinstance(msg, _Playback):
+            job.play_start = msg.started_at
+        elif isinstance(msg, _SnacProgress):
+            job.frames_in_snac -= msg.frames
+            job.events_sent += msg.events
+            if msg.failed:
+                self._finish(job, "failed", reason=SERVER_ERROR_MESSAGE)
+
+    def _admit(self) -> None:
+        for job in list(self._jobs.values()):
+            if len(self._active) >= self.max_active:
+                return
+            if job.prompt is None or job.gen is not None:
+                continue
+            req = job.request
+            try:
+                job.gen = self.model.start(job.prompt, req.sampling, req.max_new_tokens, req.stop_rules)
+            except Exception as e:
+                log.warning("response %s refused: %s", job.response_id, e)
+                self._finish(job, "failed", reason=failure_message(e))
+                continue
+            job.prompt = None  # the generation holds it
+            job.audio = req.task.audio_out and req.audio_output and self.model.codec is not None
+            if job.audio:
+                self._to_snac.put_nowait(("start", job.key, job.response_id, job.item_id, _decoder_args(req), job.sink))
+            self._active.append(job)
+
+    def _may_step(self, job: _Job, now: float) -> bool:
+        req = job.request
+        in_flight = job.events_sent - job.events_acked + job.frames_in_snac
+        # Room at the consumer for what is in flight plus one step and its audio.
+        if job.frames_in_snac > MAX_FRAMES_IN_SNAC or in_flight + req.lookahead_frames + 4 > self.max_unacked:
+            return False
+        if not job.audio:
+            return True
+        played = 0.0 if job.play_start is None else (now - job.play_start) * 1000
+        return job.frames_made * FRAME_MS - played < req.min_lead_ms
 
     def _round(self, now: float) -> bool:
         """One step of every response that may step: prefills alone (their lengths differ),
         then all decode steps together in one batched forward."""
-        decode: list[_Job] = []
+        decode: list[tuple[_Job, torch.Tensor, int]] = []
         progressed = False
         for job in list(self._active):
-            h = job.handle
-            if h.cancelled.is_set():
-                self._finish(job, "cancelled", reason=h.cancel_reason)
-                progressed = True
-                continue
             if not self._may_step(job, now):
                 continue
-            assert job.gen is not None
-            if job.gen.in_prefill:
-                t0 = time.perf_counter()
-                out = job.gen.step()
-                self._after_step(job, out, t0, time.perf_counter())
-                progressed = True
-            else:
-                decode.append(job)
-        if not decode:
-            return progressed
-        batch: list[tuple[_Job, torch.Tensor, int]] = []
-        for job in decode:
-            assert job.gen is not None
-            nxt = job.gen.begin_step()
-            if nxt is None:
-                self._after_step(job, None, 0.0, 0.0)
-            else:
-                batch.append((job, nxt[0], nxt[1]))
-        if batch:
-            t0 = time.perf_counter()
-            groups, row = [], 0
-            for job, embeds, pos in batch:
-                assert job.gen is not None
-                groups.append((job.gen.cache, pos, slice(row, row + embeds.shape[0])))
-                row += embeds.shape[0]
-            with torch.inference_mode():
-                hidden = self.model.llm.hidden_step_batched(torch.cat([e for _, e, _ in batch]), groups)
-            outs = []
-            for (job, _, _), (_, _, rows) in zip(batch, groups, strict=True):
-                assert job.gen is not None
-                outs.append(job.gen.finish_step(hidden[rows]))
-            t1 = time.perf_counter()
-            for (job, _, _), out in zip(batch, outs, strict=True):
-                self._after_step(job, out, t0, t1)
-        return True
-
-    def _may_step(self, job: _Job, now: float) -> bool:
-        h, req = job.handle, job.handle.request
-        # Room for everything already in flight plus one more step, so no thread ever blocks on a put.
-        if not h.has_room(job.pending_frames + req.lookahead_frames + 4) or job.pending_frames > 16:
-            return False  # the consumer or the SNAC thread is behind: wait for it
-        return job.decoder is None or h.audio_lead_ok(now)
-
-    def _admit(self) -> None:
-        while len(self._active) < self.max_active:
+            gen = job.gen
+            assert gen is not None
+            progressed = True
             try:
-                job = self._encoded.get_nowait()
-            except queue.Empty:
+                nxt = gen.begin_step()
+                if nxt is None:
+                    self._end(job)
+                elif gen.in_prefill:
+                    t0 = time.perf_counter()
+                    out = gen.step()
+                    self._after_step(job, out, t0, time.perf_counter())
+                else:
+                    decode.append((job, nxt[0], nxt[1]))
+            except Exception:
+                self._fail(job, "prefill")
+        if decode:
+            self._decode_batch(decode)
+        return progressed
+
+    def _decode_batch(self, batch: list[tuple[_Job, torch.Tensor, int]]) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = self._forward(batch)
+        except Exception:
+            if len(batch) == 1:
+                self._fail(batch[0][0], "decode step")
                 return
-            if job.handle.cancelled.is_set():
-                self._finish(job, "cancelled", reason=job.handle.cancel_reason)
-                continue
-            req = job.handle.request
-            assert job.prompt is not None
-            try:
-                job.gen = self.model.start(job.prompt, req.sampling, req.max_new_tokens, req.stop_rules)
-            except Exception as e:
-                log.warning("response %s refused: %s", job.handle.response_id, e)
-                self._finish(job, "failed", reason=str(e))
-                continue
-            if req.task.audio_out and req.audio_output and self.model.codec is not None:
-                job.decoder = StreamingSnacDecoder(
-                    self.model.codec,
-                    self.model.layout.num_codes,
-                    req.chunk_frames,
-                    req.left_context_frames,
-                    req.lookahead_frames,
-                    req.max_chunk_frames,
-                    req.first_lookahead_frames,
-                )
-            self._active.append(job)
+            log.exception("batched decode step of %d responses failed; retrying each alone", len(batch))
+            for entry in batch:
+                self._decode_batch([entry])
+            return
+        t1 = time.perf_counter()
+        for (job, _, _), out in zip(batch, outs, strict=True):
+            self._after_step(job, out, t0, t1)
+
+    def _forward(self, batch: list[tuple[_Job, torch.Tensor, int]]) -> list[StepOutput | None]:
+        groups, row = [], 0
+        for job, embeds, pos in batch:
+            assert job.gen is not None
+            groups.append((job.gen.cache, pos, slice(row, row + embeds.shape[0])))
+            row += embeds.shape[0]
+        with torch.inference_mode():
+            hidden = self.model.llm.hidden_step_batched(torch.cat([e for _, e, _ in batch]), groups)
+        outs = []
+        for (job, _, _), (_, _, rows) in zip(batch, groups, strict=True):
+            assert job.gen is not None
+            outs.append(job.gen.finish_step(hidden[rows]))
+        return outs
+
+    def _fail(self, job: _Job, stage: str) -> None:
+        log.exception("response %s failed in its %s", job.response_id, stage)
+        self._finish(job, "failed", reason=SERVER_ERROR_MESSAGE)
 
     def _after_step(self, job: _Job, out: StepOutput | None, t0: float, t1: float) -> None:
-        h = job.handle
         if out is None:
-            assert job.gen is not None
-            stop = job.gen.stop
-            status = "incomplete" if stop == "budget" else "completed"
-            self._finish(job, status, reason="max_output_tokens" if stop == "budget" else None)
+            self._end(job)
             return
         self.steps_total += 1
         job.steps += 1
@@ -281,12 +400,17 @@ class ModelRunner:
             job.prefill_ms = (t1 - t0) * 1000
             job.t_prefill_done = t1
         self._emit_text(job, out.text)
-        if out.frame is not None and job.decoder is not None:
-            h.frames_made += 1
+        if out.frame is not None and job.audio:
+            job.frames_made += 1
             if job.first_frame_ms is None:
                 job.first_frame_ms = (t1 - job.t_submit) * 1000
-            job.pending_frames += 1
-            self._decode_jobs.put((job, "frame", out.frame))
+            job.frames_in_snac += 1
+            self._to_snac.put_nowait(("frame", job.key, out.frame))
+
+    def _end(self, job: _Job) -> None:
+        assert job.gen is not None
+        budget = job.gen.stop == "budget"
+        self._finish(job, "incomplete" if budget else "completed", reason="max_output_tokens" if budget else None)
 
     def _emit_text(self, job: _Job, token: int) -> None:
         lay = self.model.layout
@@ -299,12 +423,17 @@ class ModelRunner:
             return  # an incomplete multi-byte character: wait for the rest
         delta, job.text_sent = text[len(job.text_sent) :], text
         if delta:
-            job.handle.events.put(TranscriptDelta(job.handle.response_id, job.handle.item_id, delta))
+            job.emit(TranscriptDelta(job.response_id, job.item_id, delta))
 
     def _finish(self, job: _Job, status: str, reason: str | None = None) -> None:
+        """The one place a response ends: its ResponseDone goes out through the SNAC thread,
+        after its last audio."""
+        if self._jobs.pop(job.key, None) is None:
+            return
         if job in self._active:
             self._active.remove(job)
-        usage = {}
+        self._slots.release()
+        usage: dict[str, int] = {}
         timings: dict[str, float | int | None] = {}
         if job.gen is not None:
             prompt_tokens = job.gen.prompt.length
@@ -321,121 +450,207 @@ class ModelRunner:
                 "steps": job.steps,
                 "steps_per_s": round((job.steps - 1) / decode_s, 2) if decode_s > 0 else None,
             }
-        done = ResponseDone(
-            job.handle.response_id,
-            job.handle.item_id,
-            status,
-            reason,
-            transcript=job.text_sent,
-            usage=usage,
-            timings=timings,
-        )
-        job.done = done
+        done = ResponseDone(job.response_id, job.item_id, status, reason, transcript=job.text_sent, usage=usage,
+                            timings=timings)  # fmt: skip
         job.gen = None  # the KV cache goes with it, now: an idle runner must not pin a finished answer
-        # Through the SNAC thread, so the end comes after the last audio of this response.
-        self._decode_jobs.put((job, "finish", None))
+        flush = status in ("completed", "incomplete")  # a cancelled or failed answer stops where it is
+        self._to_snac.put_nowait(("finish", job.key, done, job.sink, flush))
 
     # ---------------- encoder thread ----------------
 
     def _run_encoder(self) -> None:
         """Whisper (and CLIP) encode each request's inputs into its prompt, in submit order."""
         self.encoder_threads = torch.get_num_threads()
-        while not self._stop.is_set():
+        while (job := self._to_encode.get()) is not None:
+            req = job.request
+            t0 = time.perf_counter()
             try:
-                job = self._requests.get(timeout=0.05)
-            except queue.Empty:
+                prompt = self.model.prompt(req.task, audio=req.audio, text=req.text, image=req.image)
+            except Exception as e:
+                if isinstance(e, InputError):
+                    log.warning("response %s refused: %s", job.response_id, e)
+                else:
+                    log.exception("response %s failed in its encode", job.response_id)
+                self._inbox.put_nowait(_Encoded(job.key, None, 0.0, error=failure_message(e)))
                 continue
-            self._encoding = 1
-            try:
-                if job.handle.cancelled.is_set():
-                    self._finish(job, "cancelled", reason=job.handle.cancel_reason)
-                    continue
-                req = job.handle.request
-                try:
-                    t0 = time.perf_counter()
-                    job.prompt = self.model.prompt(req.task, audio=req.audio, text=req.text, image=req.image)
-                    job.encode_ms = (time.perf_counter() - t0) * 1000
-                except Exception as e:
-                    log.warning("response %s refused: %s", job.handle.response_id, e)
-                    self._finish(job, "failed", reason=str(e))
-                    continue
-                while not self._stop.is_set():  # bounded hand-over; the runner drains it every round
-                    try:
-                        self._encoded.put(job, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                self._wake.set()
-            finally:
-                self._encoding = 0
+            self._inbox.put_nowait(_Encoded(job.key, prompt, (time.perf_counter() - t0) * 1000))
 
     # ---------------- SNAC thread ----------------
 
-    def _run_decoder(self) -> None:
-        """SNAC thread: the windows of every answer that are ready decode together."""
+    def _run_snac(self) -> None:
+        """The windows of every answer that are ready decode together; each answer's audio and
+        its end go to its sink in order."""
         self.snac_threads = torch.get_num_threads()
+        state = _SnacState()
         while True:
-            items = [self._decode_jobs.get()]
+            items = [self._to_snac.get()]
             while True:  # whatever else is waiting joins this round
                 try:
-                    items.append(self._decode_jobs.get_nowait())
+                    items.append(self._to_snac.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                quit_now = self._decode_round(items)
-            except Exception:
-                log.exception("SNAC decoding failed")
-                quit_now = any(kind == "quit" for _, kind, _ in items)
-            self._wake.set()
+            quit_now = self._snac_round(state, items)
+            for key, (frames, events, failed) in state.report().items():
+                self._inbox.put_nowait(_SnacProgress(key, frames, events, failed))
             if quit_now:
                 return
 
-    def _decode_round(self, items: list[tuple[_Job, str, tuple[int, ...] | None]]) -> bool:
+    def _snac_round(self, state: _SnacState, items: list[Any]) -> bool:
         quit_now = False
-        touched: list[_Job] = []
-        finishing: list[_Job] = []
-        for job, kind, frame in items:
-            if kind == "quit":
+        touched: list[int] = []
+        for item in items:
+            if isinstance(item, _Quit):
                 quit_now = True
-            elif kind == "frame":
-                job.pending_frames -= 1
-                if not job.handle.cancelled.is_set() and job.decoder is not None and frame is not None:
-                    job.decoder.add(frame)
-                    if job not in touched:
-                        touched.append(job)
-            elif kind == "finish":
-                finishing.append(job)
+            elif item[0] == "start":
+                _, key, rid, item_id, args, sink = item
+                assert self.model.codec is not None  # audio jobs exist only with a codec
+                decoder = StreamingSnacDecoder(self.model.codec, self.model.layout.num_codes, *args)
+                state.streams[key] = _AudioStream(decoder, sink, rid, item_id)
+            elif item[0] == "frame":
+                _, key, frame = item
+                state.count(key, frames=1)
+                stream = state.streams.get(key)
+                if stream is not None:
+                    stream.decoder.add(frame)
+                    if key not in touched:
+                        touched.append(key)
+            else:  # finish: the rest of its audio (unless it was cut short), then its end
+                _, key, done, sink, flush = item
+                self._decode_ready(state, touched)
+                stream = state.streams.pop(key, None)
+                audio_ms = 0.0
+                if stream is not None:
+                    if flush and not stream.broken:
+                        self._decode_final(state, key, stream)
+                    audio_ms = stream.decoder.emitted * FRAME_MS
+                sink(replace(done, audio_ms=audio_ms))
+        self._decode_ready(state, touched)
+        return quit_now
+
+    def _decode_ready(self, state: _SnacState, touched: list[int]) -> None:
         codec = self.model.codec
         while codec is not None:
             ready = []
-            for job in touched:
-                if job.decoder is not None and not job.handle.cancelled.is_set():
-                    window = job.decoder.ready_window()
-                    if window is not None:
-                        ready.append((job, window))
+            for key in touched:
+                stream = state.streams.get(key)
+                if stream is None or stream.broken:
+                    continue
+                window = stream.decoder.ready_window()
+                if window is not None:
+                    ready.append((key, stream, window))
             if not ready:
-                break
-            for (job, _), chunk in zip(ready, decode_windows(codec, [w for _, w in ready]), strict=True):
-                self._emit_audio(job, chunk)
-        for job in finishing:
-            h = job.handle
-            if not h.cancelled.is_set() and job.decoder is not None:
-                for chunk in job.decoder.flush():
-                    self._emit_audio(job, chunk)
-            assert job.done is not None
-            audio_ms = job.decoder.emitted * FRAME_MS if job.decoder is not None else 0.0
-            if h.cancelled.is_set():
-                done = replace(job.done, status="cancelled", reason=h.cancel_reason, audio_ms=audio_ms)
-            else:
-                done = replace(job.done, audio_ms=audio_ms)
-            h.events.put(done)
-            h.done.set()
-            job.decoder = None
-        return quit_now
+                return
+            chunks: list[np.ndarray | None]
+            try:
+                chunks = list(decode_windows(codec, [w for _, _, w in ready]))
+            except Exception:
+                if len(ready) > 1:
+                    log.exception("batched SNAC decode of %d answers failed; retrying each alone", len(ready))
+                chunks = []
+                for key, stream, window in ready:
+                    try:
+                        chunks.append(decode_windows(codec, [window])[0])
+                    except Exception:
+                        log.exception("response %s failed in its SNAC decode", stream.response_id)
+                        stream.broken = True
+                        state.count(key, failed=True)
+                        chunks.append(None)
+            for (key, stream, _), chunk in zip(ready, chunks, strict=True):
+                if chunk is not None:
+                    stream.send(chunk)
+                    state.count(key, events=1)
 
-    def _emit_audio(self, job: _Job, chunk: np.ndarray) -> None:
-        h = job.handle
-        assert job.decoder is not None
-        start_ms = (job.decoder.emitted * SAMPLES_PER_FRAME - chunk.size) / SNAC_SAMPLE_RATE * 1000
-        h.events.put(AudioChunk(h.response_id, h.item_id, job.audio_seq, start_ms, to_pcm16(chunk).tobytes()))
-        job.audio_seq += 1
+    def _decode_final(self, state: _SnacState, key: int, stream: _AudioStream) -> None:
+        try:
+            chunks = stream.decoder.flush()
+        except Exception:
+            log.exception("response %s failed in its last SNAC decode", stream.response_id)
+            return
+        for chunk in chunks:
+            stream.send(chunk)
+
+
+def _decoder_args(req: ResponseRequest) -> tuple[int, int, int, int, int | None]:
+    return (req.chunk_frames, req.left_context_frames, req.lookahead_frames, req.max_chunk_frames,
+            req.first_lookahead_frames)  # fmt: skip
+
+
+@dataclass
+class _AudioStream:
+    """One answer's audio, the SNAC thread's own."""
+
+    decoder: StreamingSnacDecoder
+    sink: Sink
+    response_id: str = ""
+    item_id: str = ""
+    seq: int = 0
+    broken: bool = False  # its decode failed: nothing more of it is decoded
+
+    def send(self, chunk: np.ndarray) -> None:
+        start_ms = (self.decoder.emitted * SAMPLES_PER_FRAME - chunk.size) / SNAC_SAMPLE_RATE * 1000
+        self.sink(AudioChunk(self.response_id, self.item_id, self.seq, start_ms, to_pcm16(chunk).tobytes()))
+        self.seq += 1
+
+
+@dataclass
+class _SnacState:
+    streams: dict[int, _AudioStream] = field(default_factory=dict)
+    _progress: dict[int, list[Any]] = field(default_factory=dict)
+
+    def count(self, key: int, frames: int = 0, events: int = 0, failed: bool = False) -> None:
+        p = self._progress.setdefault(key, [0, 0, False])
+        p[0] += frames
+        p[1] += events
+        p[2] = p[2] or failed
+
+    def report(self) -> dict[int, tuple[int, int, bool]]:
+        out = {key: (p[0], p[1], p[2]) for key, p in self._progress.items()}
+        self._progress.clear()
+        return out
+
+
+class ResponseStream:
+    """A response read from a plain thread: its events in a queue, acknowledged as they are taken."""
+
+    def __init__(self, runner: ModelRunner, response_id: str, item_id: str, request: ResponseRequest) -> None:
+        self.runner = runner
+        self.response_id = response_id
+        # Bounded by the runner's max_unacked: it never sends more than that unacknowledged.
+        self.events: queue.Queue[Event] = queue.Queue(maxsize=runner.max_unacked + 8)
+        self.done: ResponseDone | None = None
+        self.key = runner.submit(response_id, item_id, request, self.events.put_nowait)
+
+    def get(self, timeout: float | None = None) -> Event:
+        """The next event (queue.Empty after `timeout`)."""
+        event = self.events.get(timeout=timeout)
+        self.runner.ack(self.key, 1)
+        if isinstance(event, ResponseDone):
+            self.done = event
+        return event
+
+    def drain(self) -> list[Event]:
+        out: list[Event] = []
+        while True:
+            try:
+                out.append(self.get(timeout=0))
+            except queue.Empty:
+                return out
+
+    def wait(self, timeout: float) -> ResponseDone | None:
+        """Read (and drop) events until the response ends; None after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.done is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                self.get(timeout=left)
+            except queue.Empty:
+                return None
+        return self.done
+
+    def playing(self, started_at: float) -> None:
+        self.runner.playback(self.key, started_at)
+
+    def cancel(self, reason: str = "client_cancelled") -> None:
+        self.runner.cancel(self.key, reason)

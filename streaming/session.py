@@ -1,60 +1,66 @@
-"""One conversation: input audio -> VAD turn taking -> responses -> events, with barge-in.
+"""One conversation as a state machine: input audio -> turn taking -> responses -> events, with barge-in.
 
-Driven by plain method calls from one caller thread (the transport), plus callbacks from
-the runner's and the recognizer's threads; a lock keeps the state consistent. Events come
-out of `poll()`: the session's own events, then the current response's, in order. A
-response that was cancelled or replaced never has another event forwarded (its id is no
-longer current), so late frames of an old answer are dropped, never sent.
+Sans-I/O: no threads, locks, callbacks, clocks or blocking calls. Inputs are method calls
+(audio already decoded with its VAD probabilities, client requests, the runner's events, the
+recognizer's and the end-of-turn model's answers, the time); outputs are the events for the
+client (`take_events`) and the work for the driver (`take_work`: start or cancel a response on
+the runner, tell it where playback stands, transcribe, score a turn). Every time is the caller's
+`now` (seconds, one monotonic clock), so a fake clock makes it deterministic.
+
+The answers of slow work carry the ticket they were asked with; an answer about speech or a
+response that is no longer current is dropped. Events of a response that is not current, or
+that was cancelled, are never forwarded: late frames of an old answer are dropped, never sent.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
-import threading
-import time
+import secrets
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from model.audio import MAX_INPUT_SECONDS
 from model.prompts import Task
-from model.vision import NO_IMAGES, ImageError, image_pixels, preprocess
+from model.vision import NO_IMAGES
 
-from .audio_in import MODEL_RATE, AudioHistory, InputResampler, InvalidAudio, input_decoder
+from .audio_in import MODEL_RATE, AudioHistory
 from .config import InterruptMode, SessionConfig
-from .detector import RecognizerWorker, bias_prompt, match_phrase
+from .detector import bias_prompt, match_phrase
 from .events import (
     AudioChunk,
+    CancelResponse,
     Event,
     InputCleared,
     InputCommitted,
     InputTimeout,
     InputTranscript,
     Interrupted,
+    PlaybackAt,
     ResponseCreated,
     ResponseDone,
+    ScoreTurn,
     SessionError,
     SpeechStarted,
     SpeechStopped,
+    StartResponse,
+    Transcribe,
     TranscriptDelta,
+    Work,
+    pcm16_ms,
 )
-from .runner import ModelRunner, ResponseHandle, ResponseRequest
-from .vad import WINDOW, SileroVAD, TurnDetector, VadEdge
-
-if TYPE_CHECKING:
-    from .semantic_turn import SmartTurn
+from .runner import SERVER_ERROR_MESSAGE, ResponseRequest
+from .vad import WINDOW, TurnDetector, VadEdge
 
 log = logging.getLogger(__name__)
 
 MAX_TURN_SAMPLES = int(MAX_INPUT_SECONDS * MODEL_RATE)
 COMMAND_CHECK_EVERY = int(0.32 * MODEL_RATE)  # re-check a growing command segment this often
 MAX_REMEMBERED_INPUTS = 8  # user items a response may still answer (audio up to 30 s each)
+MAX_OPEN_TICKETS = 64  # answers still awaited; older ones are forgotten (their answer is dropped)
 
 
 ACTIVE_RESPONSE = "conversation_already_has_active_response"  # OpenAI's code and wording
@@ -79,200 +85,195 @@ class _Barge:
     segment: int  # id, to ignore late recognizer answers
     checked_until: int = 0
     matched: str | None = None
-    final: bool = False
+
+
+@dataclass
+class LiveResponse:
+    """The current response, as the client has received it."""
+
+    response_id: str
+    item_id: str
+    task: Task
+    audio_out: bool
+    cancelled: str | None = None  # the reason, once cancelled: only its ResponseDone is forwarded
+    first_audio_at: float | None = None
+    audio_ms: float = 0.0  # forwarded audio
+    text: str = ""  # forwarded transcript
+
+
+@dataclass(frozen=True)
+class _TurnAsk:
+    pause: int
+
+
+@dataclass(frozen=True)
+class _TranscriptAsk:
+    item_id: str
+    audio_ms: int
+
+
+@dataclass(frozen=True)
+class _CommandAsk:
+    segment: int
+    response_id: str  # the answer playing when the speech was heard: the only one the verdict may cancel
+    end: int
+    phrases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Create:
+    item_id: str
+    output_modalities: tuple[str, ...] | None
+    max_new_tokens: int | None
+    response_id: str
 
 
 class Session:
     def __init__(
         self,
-        runner: ModelRunner,
-        vad: SileroVAD,
-        recognizer: RecognizerWorker | None = None,
         config: SessionConfig | None = None,
-        turn_model: SmartTurn | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        max_events: int = 4096,
+        *,
+        takes_images: bool = False,
+        recognizer: bool = False,
+        turn_model: bool = False,
     ) -> None:
-        self.runner = runner
-        self.vad = vad
-        self.recognizer = recognizer
-        self.turn_model = turn_model
-        self.clock = clock
+        """`recognizer` / `turn_model`: whether the driver can run Transcribe / ScoreTurn work."""
         self.config = config or SessionConfig()
-        self._lock = threading.RLock()
-        self._events: queue.Queue[Event] = queue.Queue(maxsize=max_events)
+        self.takes_images = takes_images
+        self.has_recognizer = recognizer
+        self.has_turn_model = turn_model
+        self._events: list[Event] = []
+        self._work: list[Work] = []
+        self._tag = secrets.token_hex(3)  # ids unique across sessions (the runner, logs)
         self._ids = itertools.count(1)
         self._segments = itertools.count(1)
+        self._tickets = itertools.count(1)
+        self._asks: OrderedDict[int, _TurnAsk | _TranscriptAsk | _CommandAsk] = OrderedDict()
+        self._history = AudioHistory(MAX_TURN_SAMPLES + 10 * MODEL_RATE)
         self._reset_input()
-        self.response: ResponseHandle | None = None
-        self._playback_until = 0.0  # clock time the sent audio finishes playing
-        self._response_audio_ms = 0.0
-        self._speech_end_at: float | None = None  # clock time the user's turn ended, for ttfa
+        self.response: LiveResponse | None = None
+        self._queued: _Create | None = None  # created while the current one was being cancelled
+        self._playback_until = 0.0  # time the sent audio finishes playing
+        self._speech_end_at: float | None = None  # time the user's turn ended, for ttfa
         self._ttfa_ms: float | None = None
         self._barge: _Barge | None = None
         self._interrupted_segment = 0  # the barge-in segment that already interrupted (one per utterance)
         self._inputs: OrderedDict[str, tuple[np.ndarray | None, str | None]] = OrderedDict()  # what responses answer
-        self._idle_from: float | None = None  # idle_timeout_ms counts from this clock time
+        self._idle_from: float | None = None  # idle_timeout_ms counts from this time
         self._pending_image: torch.Tensor | None = None  # CLIP pixels for the next audio turn
         self._last_response_id = ""
-        self._response_text = ""  # transcript forwarded so far for the current response
+
+    # ---------------- outputs ----------------
+
+    def take_events(self) -> list[Event]:
+        """Events for the client since the last call, in order."""
+        out, self._events = self._events, []
+        return out
+
+    def take_work(self) -> list[Work]:
+        """Work for the driver since the last call, in order."""
+        out, self._work = self._work, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The time `tick` has something to do (the idle timeout), if any."""
+        td = self.config.turn_detection
+        if td is None or td.idle_timeout_ms is None or self._idle_from is None:
+            return None
+        return self._idle_from + td.idle_timeout_ms / 1000
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    def _ask(self, ask: _TurnAsk | _TranscriptAsk | _CommandAsk) -> int:
+        ticket = next(self._tickets)
+        self._asks[ticket] = ask
+        while len(self._asks) > MAX_OPEN_TICKETS:
+            self._asks.popitem(last=False)
+        return ticket
 
     # ---------------- configuration ----------------
 
     def _reset_input(self) -> None:
-        self._resampler = InputResampler(self.config.input_sample_rate)
-        self._decode = input_decoder(self.config.input_format)
-        self._vad_stream = self.vad.stream()
         td = self.config.turn_detection
-        self._turns = TurnDetector(td, self._score_turn) if td else None
-        self._history = AudioHistory(MAX_TURN_SAMPLES + 10 * MODEL_RATE)
-        self._pending = np.zeros(0, np.float32)  # 16 kHz samples not yet seen by the VAD
+        self._turns = TurnDetector(td, has_scorer=self.has_turn_model) if td else None
+        self._vad_pos = self._history.end  # absolute sample of the next VAD window
         self._turn_start: int | None = None  # absolute sample where the open user turn begins
         self._turn_item: str | None = None
-        self._buffer_start = 0  # push-to-talk: audio since the last commit/clear
+        self._buffer_start = self._history.end  # push-to-talk: audio since the last commit/clear
 
-    def update(self, config: SessionConfig) -> None:
-        with self._lock:
-            rate_changed = (config.input_sample_rate, config.input_format) != (
-                self.config.input_sample_rate,
-                self.config.input_format,
-            )
-            vad_changed = config.turn_detection != self.config.turn_detection
-            self.config = config
-            if rate_changed or vad_changed:
-                now = self._history.end
-                self._reset_input()
-                self._history.start = now  # keep the input timeline monotonic
-                self._buffer_start = now
-
-    # ---------------- events ----------------
-
-    def _emit(self, event: Event) -> None:
-        try:
-            self._events.put_nowait(event)
-        except queue.Full:
-            log.warning("session event queue full; dropping %s", type(event).__name__)
-
-    def poll(self) -> list[Event]:
-        """Everything that happened since the last call, in order."""
-        out: list[Event] = []
-        with self._lock:
-            self._check_idle()
-            while True:
-                try:
-                    out.append(self._events.get_nowait())
-                except queue.Empty:
-                    break
-            h = self.response
-            taken = len(out)
-            if h is not None:
-                while True:
-                    try:
-                        ev = h.events.get_nowait()
-                    except queue.Empty:
-                        break
-                    out.append(self._on_response_event(h, ev))
-                    if isinstance(ev, ResponseDone):
-                        break
-                if len(out) > taken:  # room was made (and maybe playback started): the runner may step
-                    self.runner.wake()
-        return out
-
-    def _on_response_event(self, h: ResponseHandle, ev: Event) -> Event:
-        now = self.clock()
-        if isinstance(ev, AudioChunk):
-            if h.first_audio_sent_at is None:
-                h.mark_audio_sent(now)
-                self._playback_until = now
-                if self._speech_end_at is not None:
-                    self._ttfa_ms = (now - self._speech_end_at) * 1000
-            duration = len(ev.pcm) / 2 / 24000
-            self._playback_until = max(self._playback_until, now) + duration
-            self._response_audio_ms += duration * 1000
-        elif isinstance(ev, TranscriptDelta):
-            self._response_text += ev.delta
-        elif isinstance(ev, ResponseDone):
-            timings = dict(ev.timings)
-            timings["ttfa_ms"] = round(self._ttfa_ms, 2) if self._ttfa_ms is not None else None
-            ev = replace(ev, timings=timings)
-            self.response = None
-            self._idle_from = max(now, self._playback_until)
-        return ev
-
-    def _check_idle(self) -> None:
-        """server_vad idle_timeout_ms: no speech for that long after the last answer finished
-        playing -> the silence is committed as a user turn and answered (as OpenAI does)."""
-        td = self.config.turn_detection
-        if td is None or td.idle_timeout_ms is None or self._idle_from is None:
-            return
-        if self.response is not None or self._turn_start is not None or self._barge is not None:
-            return
-        now = self.clock()
-        if now - self._idle_from < td.idle_timeout_ms / 1000:
-            return
-        self._idle_from = None
-        end = self._history.end
-        start = max(self._history.start, self._buffer_start, end - td.idle_timeout_ms * MODEL_RATE // 1000)
-        item = self._new_id("item")
-        self._emit(InputTimeout(item, ms(start), ms(end)))
-        self._commit_audio(item, self._history.slice(start, end), respond=td.create_response)
-
-    @property
-    def assistant_speaking(self) -> bool:
-        """Generating, or the audio already sent has not finished playing."""
-        return self.response is not None or self.clock() < self._playback_until
+    def update(self, config: SessionConfig) -> bool:
+        """A new configuration; True when the input pipeline (format, rate, VAD) starts afresh,
+        i.e. the driver must give it audio decoded with a new front end."""
+        restart = (config.input_sample_rate, config.input_format, config.turn_detection) != (
+            self.config.input_sample_rate,
+            self.config.input_format,
+            self.config.turn_detection,
+        )
+        self.config = config
+        if restart:
+            self._reset_input()  # the input timeline stays monotonic: it goes on from here
+        return restart
 
     # ---------------- input audio ----------------
 
-    def append_audio(self, pcm: bytes) -> None:
-        """Mono audio in the configured input format (PCM16 or G.711) and rate, any chunk size."""
-        try:
-            audio = self._decode(pcm)
-        except InvalidAudio as e:
-            self._emit(SessionError("invalid_audio", str(e)))
-            return
-        with self._lock:
-            audio16 = self._resampler.process(audio)
-            self._history.append(audio16)
-            self._pending = np.concatenate([self._pending, audio16])
-            n_windows = self._pending.size // WINDOW
-            base = self._history.end - self._pending.size
-            for w in range(n_windows):
-                window = self._pending[w * WINDOW : (w + 1) * WINDOW]
-                self._on_window(window, base + w * WINDOW)
-            self._pending = self._pending[n_windows * WINDOW :]
-            self._check_turn_limit()
+    def error(self, code: str, message: str) -> None:
+        """An input the driver could not use (e.g. undecodable audio)."""
+        self._emit(SessionError(code, message))
 
-    def _on_window(self, window: np.ndarray, start: int) -> None:
-        prob = self._vad_stream.prob(window)
+    def receive_audio(self, audio16: np.ndarray, probs: list[float], now: float) -> None:
+        """16 kHz audio, and the VAD's speech probability of each 512-sample window it completes
+        (windows follow each other from the start of the input, or of the last restart)."""
+        self._history.append(audio16)
+        for prob in probs:
+            start = self._vad_pos
+            self._vad_pos += WINDOW
+            self._on_window(prob, start, now)
+        self._check_turn_limit(now)
+
+    def _on_window(self, prob: float, start: int, now: float) -> None:
         if self._turns is None:
             return
         edge = self._turns.update(prob, start)
-        if self._barge is not None:
-            self._on_barge_window(edge, start + WINDOW)
+        if edge is not None and edge.kind == "score":
+            self._score(edge)
             return
+        if self._barge is not None:
+            self._on_barge_window(edge, start + WINDOW, now)
+            return
+        self._on_edge(edge, now)
+
+    def _on_edge(self, edge: VadEdge | None, now: float) -> None:
         if edge is None:
             return
+        assert self._turns is not None
         if edge.kind == "start":
             self._idle_from = None
-            if self.assistant_speaking and self._barge_applies():
+            if self.speaking_at(now) and self._barge_applies():
                 self._start_barge(edge.sample)
                 return
             self._open_turn(edge.sample)
         elif self._turn_start is not None:
             self._emit(SpeechStopped(self._turn_item or "", ms(edge.sample)))
-            self._commit_turn(self._turn_start, edge.sample, respond=self._turns.cfg.create_response)
+            self._commit_turn(self._turn_start, edge.sample, now, respond=self._turns.cfg.create_response)
 
-    def _score_turn(self, end: int) -> float | None:
-        """semantic_vad: p(complete) of the open turn up to `end` (runs on the caller's worker thread)."""
-        if self.turn_model is None or self._turn_start is None:
-            return None
-        audio = self._history.slice(self._turn_start, end)
-        t0 = time.perf_counter()
-        p = self.turn_model.probability(audio)
-        log.debug("end-of-turn model: p(complete)=%.3f on %d ms in %.0f ms", p, ms(audio.size),
-                  (time.perf_counter() - t0) * 1000)  # fmt: skip
-        return p
+    def _score(self, edge: VadEdge) -> None:
+        """semantic_vad: the end-of-turn model's p(complete) of the open turn up to the edge."""
+        if self._turn_start is None:
+            return
+        audio = self._history.slice(self._turn_start, edge.sample)
+        self._work.append(ScoreTurn(self._ask(_TurnAsk(edge.pause)), audio))
+
+    def turn_scored(self, ticket: int, p: float | None, now: float) -> None:
+        """The end-of-turn model's answer (None: it could not score)."""
+        ask = self._asks.pop(ticket, None)
+        if not isinstance(ask, _TurnAsk) or self._turns is None:
+            return
+        edge = self._turns.scored(ask.pause, p)
+        if self._barge is not None:
+            self._on_barge_window(edge, self._vad_pos, now)
+        else:
+            self._on_edge(edge, now)
 
     def _barge_applies(self) -> bool:
         td = self.config.turn_detection
@@ -284,46 +285,41 @@ class Session:
         self._turn_start = max(self._history.start, speech_start - self.config.turn_detection.prefix_padding_ms * 16)
         self._emit(SpeechStarted(self._turn_item, ms(speech_start)))
 
-    def _check_turn_limit(self) -> None:
+    def _check_turn_limit(self, now: float) -> None:
         start = self._turn_start if self._turns is not None else self._buffer_start
         if start is None or self._history.end - start < MAX_TURN_SAMPLES:
             return
         cut = start + MAX_TURN_SAMPLES
         self._emit(SessionError("input_too_long", "the turn reached the model's 30 s window: committed at the limit"))
         if self._turns is not None:
-            self._commit_turn(start, cut, truncated=True, respond=self._turns.cfg.create_response)
+            self._commit_turn(start, cut, now, truncated=True, respond=self._turns.cfg.create_response)
             # The speech goes on: what follows is a new turn.
             self._turn_item = self._new_id("item")
             self._turn_start = cut
             self._emit(SpeechStarted(self._turn_item, ms(cut)))
         else:
-            self._commit_audio(self._new_id("item"), self._history.slice(start, cut), truncated=True, respond=False)
+            self._commit_audio(self._new_id("item"), self._history.slice(start, cut), now, truncated=True)
             self._buffer_start = cut
 
-    def _commit_turn(self, start: int, end: int, respond: bool, truncated: bool = False) -> None:
+    def _commit_turn(self, start: int, end: int, now: float, respond: bool, truncated: bool = False) -> None:
         item = self._turn_item or self._new_id("item")
         self._turn_start = None
         self._turn_item = None
-        self._commit_audio(item, self._history.slice(start, end), truncated, respond)
+        self._commit_audio(item, self._history.slice(start, end), now, truncated, respond)
 
-    def _commit_audio(self, item: str, audio: np.ndarray, truncated: bool = False, respond: bool = False) -> None:
+    def _commit_audio(
+        self, item: str, audio: np.ndarray, now: float, truncated: bool = False, respond: bool = False
+    ) -> None:
         """A user audio item; answered at once only when turn detection ended it with create_response
         (as OpenAI: a client's commit, or create_response false, waits for response.create)."""
         self._emit(InputCommitted(item, ms(audio.size), truncated))
-        self._speech_end_at = self.clock()
+        self._speech_end_at = now
         self._remember(item, audio, None)
-        if self.config.transcribe_input and self.recognizer is not None:
-            self._transcribe(item, audio)
+        if self.config.transcribe_input and self.has_recognizer:
+            ticket = self._ask(_TranscriptAsk(item, ms(audio.size)))
+            self._work.append(Transcribe(ticket, audio, None, droppable=False))
         if respond:
-            self._start_response(item)
-
-    def _transcribe(self, item: str, audio: np.ndarray) -> None:
-        def on_text(text: str | None) -> None:
-            self._emit(InputTranscript(item, text or "", ms(audio.size), failed=text is None))
-
-        assert self.recognizer is not None
-        if not self.recognizer.submit(audio, None, on_text, wait=False):
-            self._emit(InputTranscript(item, "", ms(audio.size), failed=True))
+            self._request_response(_Create(item, None, None, self._new_id("resp")), now)
 
     def _remember(self, item: str, audio: np.ndarray | None, text: str | None) -> None:
         self._inputs[item] = (audio, text)
@@ -333,126 +329,132 @@ class Session:
 
     def forget(self, item: str) -> None:
         """A user item was deleted from the conversation: it is answered no more."""
-        with self._lock:
-            self._inputs.pop(item, None)
+        self._inputs.pop(item, None)
 
     def has_input(self, item: str) -> bool:
         return item in self._inputs
 
-    def commit(self) -> None:
+    def commit(self, now: float) -> None:
         """End the user turn now (push-to-talk, or forcing the end with server VAD)."""
-        with self._lock:
-            start = self._turn_start if self._turns is not None else self._buffer_start
-            end = self._history.end
-            if start is None or end - start <= 0:
-                self._emit(SessionError("input_audio_buffer_commit_empty", "there is no uncommitted audio to commit"))
-                return
-            if self._turns is not None:
-                self._turns.reset()
-                self._commit_turn(start, end, respond=False)
-            else:
-                self._buffer_start = end
-                self._commit_audio(self._new_id("item"), self._history.slice(start, end))
+        start = self._turn_start if self._turns is not None else self._buffer_start
+        end = self._history.end
+        if start is None or end - start <= 0:
+            self._emit(SessionError("input_audio_buffer_commit_empty", "there is no uncommitted audio to commit"))
+            return
+        if self._turns is not None:
+            self._turns.reset()
+            self._commit_turn(start, end, now, respond=False)
+        else:
+            self._buffer_start = end
+            self._commit_audio(self._new_id("item"), self._history.slice(start, end), now)
 
     def clear(self) -> None:
-        with self._lock:
-            self._buffer_start = self._history.end
-            self._turn_start = None
-            self._turn_item = None
-            if self._turns is not None:
-                self._turns.reset()
-            self._emit(InputCleared())
+        self._buffer_start = self._history.end
+        self._turn_start = None
+        self._turn_item = None
+        if self._turns is not None:
+            self._turns.reset()
+        self._emit(InputCleared())
 
-    def add_audio(self, pcm: bytes, item_id: str | None = None) -> str | None:
-        """A whole user audio message (in the input format and rate), outside the VAD stream."""
-        try:
-            audio = self._decode(pcm)
-        except InvalidAudio as e:
-            self._emit(SessionError("invalid_audio", str(e)))
+    def add_audio(self, audio16: np.ndarray, item_id: str | None = None) -> str | None:
+        """A whole user audio message (16 kHz), outside the VAD stream."""
+        if audio16.size == 0:
+            self._emit(SessionError("invalid_audio", "the audio message is empty"))
             return None
-        with self._lock:
-            resampler = InputResampler(self.config.input_sample_rate)
-            audio16 = np.concatenate([resampler.process(audio), resampler.flush()])
-            if audio16.size == 0:
-                self._emit(SessionError("invalid_audio", "the audio message is empty"))
-                return None
-            if audio16.size > MAX_TURN_SAMPLES:
-                self._emit(SessionError("input_too_long", "audio message longer than 30 s: cut at the limit"))
-                audio16 = audio16[:MAX_TURN_SAMPLES]
-            item = item_id or self._new_id("item")
-            self._remember(item, audio16, None)
-            return item
+        if audio16.size > MAX_TURN_SAMPLES:
+            self._emit(SessionError("input_too_long", "audio message longer than 30 s: cut at the limit"))
+            audio16 = audio16[:MAX_TURN_SAMPLES]
+        item = item_id or self._new_id("item")
+        self._remember(item, audio16, None)
+        return item
 
-    def report_playback(self, played_ms: float) -> None:
+    def report_playback(self, played_ms: float, now: float) -> None:
         """The client's real playback position in the current answer (pacing and barge-in window)."""
-        with self._lock:
-            h = self.response
-            now = self.clock()
-            if h is not None and h.first_audio_sent_at is not None:
-                h.first_audio_sent_at = now - played_ms / 1000
-            self._playback_until = now + max(0.0, self._response_audio_ms - played_ms) / 1000
-            self.runner.wake()
+        r = self.response
+        if r is not None and r.first_audio_at is not None:
+            r.first_audio_at = now - played_ms / 1000
+            self._work.append(PlaybackAt(r.response_id, r.first_audio_at))
+        audio_ms = r.audio_ms if r is not None else 0.0
+        self._playback_until = now + max(0.0, audio_ms - played_ms) / 1000
 
-    # ---------------- text turns and responses ----------------
+    def speaking_at(self, now: float) -> bool:
+        """Generating (and not cancelled), or the audio already sent has not finished playing."""
+        r = self.response
+        return (r is not None and r.cancelled is None) or now < self._playback_until
 
-    def add_image(self, image: bytes | object, item_id: str | None = None) -> str | None:
-        """A user image (PNG/JPEG/WebP bytes, a PIL image from model.vision.decode_image, or
-        its model.vision.preprocess pixels): the next audio turn is answered about it
-        (Mini-Omni2's image task; one image per turn, a newer image replaces a pending one).
-        Only the 224 x 224 pixels are kept (~0.6 MB, whatever the image's size)."""
-        if not self.runner.model.takes_images:
+    def tick(self, now: float) -> None:
+        """server_vad idle_timeout_ms: no speech for that long after the last answer finished
+        playing -> the silence is committed as a user turn and answered (as OpenAI does)."""
+        deadline = self.next_deadline()
+        if deadline is None or now < deadline:
+            return
+        if self.response is not None or self._turn_start is not None or self._barge is not None:
+            return
+        td = self.config.turn_detection
+        assert td is not None and td.idle_timeout_ms is not None
+        self._idle_from = None
+        end = self._history.end
+        start = max(self._history.start, self._buffer_start, end - td.idle_timeout_ms * MODEL_RATE // 1000)
+        item = self._new_id("item")
+        self._emit(InputTimeout(item, ms(start), ms(end)))
+        self._commit_audio(item, self._history.slice(start, end), now, respond=td.create_response)
+
+    # ---------------- text turns, images and responses ----------------
+
+    def add_image(self, pixels: torch.Tensor, item_id: str | None = None) -> str | None:
+        """A user image as CLIP pixels (model.vision.image_pixels / preprocess): the next audio
+        turn is answered about it (Mini-Omni2's image task; one image per turn, a newer image
+        replaces a pending one)."""
+        if not self.takes_images:
             self._emit(SessionError("image_not_supported", NO_IMAGES))
             return None
-        if isinstance(image, bytes):
-            try:
-                image = image_pixels(image, self.config.max_image_bytes, self.config.max_image_pixels)
-            except ImageError as e:
-                self._emit(SessionError("invalid_image", str(e)))
-                return None
-        elif not isinstance(image, torch.Tensor):
-            image = preprocess(image)
-        with self._lock:
-            self._pending_image = image
-            return item_id or self._new_id("item")
+        self._pending_image = pixels
+        return item_id or self._new_id("item")
 
     @property
     def image_pending(self) -> bool:
         return self._pending_image is not None
 
-    def add_text(self, text: str, create_response: bool = False, item_id: str | None = None) -> str:
-        with self._lock:
-            item = item_id or self._new_id("item")
-            self._remember(item, None, text)
-            if create_response:
-                self._start_response(item)
-            return item
+    def add_text(self, text: str, now: float, create_response: bool = False, item_id: str | None = None) -> str:
+        item = item_id or self._new_id("item")
+        self._remember(item, None, text)
+        if create_response:
+            self._request_response(_Create(item, None, None, self._new_id("resp")), now)
+        return item
 
     def create_response(
         self,
+        now: float,
         output_modalities: tuple[str, ...] | None = None,
         item_id: str | None = None,
         max_new_tokens: int | None = None,
     ) -> str | None:
-        """Answer a user item (by default the latest: a committed turn or a message)."""
-        with self._lock:
-            if item_id is None and self._inputs:
-                item_id = next(reversed(self._inputs))
-            if item_id is None or item_id not in self._inputs:
-                self._emit(SessionError("invalid_request", "there is no user input to respond to"))
-                return None
-            return self._start_response(item_id, output_modalities, max_new_tokens)
-
-    def _start_response(
-        self,
-        item: str,
-        output_modalities: tuple[str, ...] | None = None,
-        max_new_tokens: int | None = None,
-    ) -> str | None:
-        audio, text = self._inputs[item]
-        if self.response is not None:
-            self._emit(SessionError(ACTIVE_RESPONSE, active_response_message(self.response.response_id)))
+        """Answer a user item (by default the latest: a committed turn or a message). Returns the
+        response id (its ResponseCreated follows the end of a response still being cancelled)."""
+        if item_id is None and self._inputs:
+            item_id = next(reversed(self._inputs))
+        if item_id is None or item_id not in self._inputs:
+            self._emit(SessionError("invalid_request", "there is no user input to respond to"))
             return None
-        modalities = output_modalities or self.config.output_modalities
+        return self._request_response(_Create(item_id, output_modalities, max_new_tokens, self._new_id("resp")), now)
+
+    def _request_response(self, create: _Create, now: float) -> str | None:
+        r = self.response
+        if r is not None and (r.cancelled is None or self._queued is not None):
+            self._emit(SessionError(ACTIVE_RESPONSE, active_response_message(r.response_id)))
+            return None
+        if r is not None:  # being cancelled: starts once its end has come
+            self._queued = create
+            return create.response_id
+        self._start_response(create, now)
+        return create.response_id
+
+    def _start_response(self, create: _Create, now: float) -> None:
+        if create.item_id not in self._inputs:
+            self._emit(SessionError("invalid_request", "the user input to respond to was deleted"))
+            return
+        audio, text = self._inputs[create.item_id]
+        modalities = create.output_modalities or self.config.output_modalities
         audio_out = "audio" in modalities
         image = None
         if audio is not None and self._pending_image is not None:
@@ -471,7 +473,7 @@ class Session:
             image=image,
             audio_output=audio_out,
             sampling=cfg.sampling,
-            max_new_tokens=max_new_tokens if max_new_tokens is not None else cfg.max_new_tokens,
+            max_new_tokens=create.max_new_tokens if create.max_new_tokens is not None else cfg.max_new_tokens,
             chunk_frames=cfg.chunk_frames,
             max_chunk_frames=cfg.max_chunk_frames,
             left_context_frames=cfg.left_context_frames,
@@ -479,61 +481,96 @@ class Session:
             first_lookahead_frames=cfg.first_chunk_lookahead_frames,
             max_audio_lead_ms=cfg.max_audio_lead_ms,
         )
-        response_id = self._new_id("resp")
-        handle = ResponseHandle(response_id, self._new_id("item"), request)
-        try:
-            self.runner.submit(handle)
-        except queue.Full:
-            self._emit(SessionError("rate_limited", "the model is saturated; try again shortly"))
-            return None
-        self.response = handle
-        self._last_response_id = response_id
+        rid = create.response_id
+        r = LiveResponse(rid, self._new_id("item"), task, audio_out=task.audio_out and audio_out)
+        self.response = r
+        self._last_response_id = rid
         self._ttfa_ms = None
-        self._response_audio_ms = 0.0
-        self._response_text = ""
         self._idle_from = None
-        self._emit(ResponseCreated(response_id, handle.item_id, task.value, audio_out=task.audio_out and audio_out))
-        return response_id
+        self._work.append(StartResponse(rid, r.item_id, request))
+        self._emit(ResponseCreated(rid, r.item_id, task.value, audio_out=r.audio_out))
+
+    def response_refused(self, response_id: str, message: str, now: float) -> None:
+        """The runner had no room for a response just started: it ends at once, failed."""
+        r = self.response
+        if r is None or r.response_id != response_id:
+            return
+        self._emit(SessionError("rate_limited", message))
+        self._end(ResponseDone(response_id, r.item_id, "failed", message), now)
+
+    def response_event(self, event: Event, now: float) -> None:
+        """An event of a response from the runner (in the order the runner made them)."""
+        r = self.response
+        if r is None or getattr(event, "response_id", None) != r.response_id:
+            return  # a response that is not current any more: nothing of it is forwarded
+        if isinstance(event, ResponseDone):
+            self._end(event, now)
+        elif r.cancelled is not None:
+            return
+        elif isinstance(event, AudioChunk):
+            if r.first_audio_at is None:
+                r.first_audio_at = now
+                self._playback_until = now
+                self._work.append(PlaybackAt(r.response_id, now))
+                if self._speech_end_at is not None:
+                    self._ttfa_ms = (now - self._speech_end_at) * 1000
+            duration = pcm16_ms(event.pcm)
+            self._playback_until = max(self._playback_until, now) + duration / 1000
+            r.audio_ms += duration
+            self._emit(event)
+        elif isinstance(event, TranscriptDelta):
+            r.text += event.delta
+            self._emit(event)
+
+    def _end(self, done: ResponseDone, now: float) -> None:
+        r = self.response
+        assert r is not None
+        timings = dict(done.timings)
+        timings["ttfa_ms"] = round(self._ttfa_ms, 2) if self._ttfa_ms is not None else None
+        status, reason = done.status, done.reason
+        if r.cancelled is not None and status == "completed":
+            status, reason = "cancelled", r.cancelled  # it ended before the cancel reached the runner
+        if status == "failed" and reason == SERVER_ERROR_MESSAGE:
+            self._emit(SessionError("server_error", SERVER_ERROR_MESSAGE))
+        # What the client got: the forwarded transcript and audio (a cancel drops the rest).
+        self._emit(replace(done, status=status, reason=reason, transcript=r.text, audio_ms=r.audio_ms,
+                           timings=timings))  # fmt: skip
+        self.response = None
+        if r.cancelled is None:
+            self._idle_from = max(now, self._playback_until)
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            self._start_response(queued, now)
 
     def cancel_response(self, reason: str = "client_cancelled") -> bool:
-        with self._lock:
-            return self._cancel(reason)
-
-    def _cancel(self, reason: str) -> bool:
-        h = self.response
-        if h is None:
+        """Stop the current response: nothing more of it is forwarded; its ResponseDone
+        (status cancelled) follows from the runner within one step."""
+        r = self.response
+        if r is None or r.cancelled is not None:
             return False
-        h.cancel(reason)
-        self.runner.wake()
-        self.response = None  # nothing more of it is forwarded
+        r.cancelled = reason
         self._playback_until = 0.0
-        # Drain what it produced but was not forwarded: only its transcript so far counts.
-        self._emit(
-            ResponseDone(
-                h.response_id,
-                h.item_id,
-                "cancelled",
-                reason,
-                transcript=self._response_text,
-                audio_ms=self._response_audio_ms,
-            )
-        )
+        self._work.append(CancelResponse(r.response_id, reason))
         return True
+
+    @property
+    def responding(self) -> str | None:
+        """The id of the response a client may cancel: current and not cancelled."""
+        r = self.response
+        return r.response_id if r is not None and r.cancelled is None else None
 
     # ---------------- barge-in ----------------
 
     def _start_barge(self, speech_start: int) -> None:
-        mode = self.config.interrupt_mode
         self._barge = _Barge(start=speech_start, segment=next(self._segments), checked_until=speech_start)
-        if mode is InterruptMode.COMMAND:
-            self._check_command(final=False)
+        if self.config.interrupt_mode is InterruptMode.COMMAND:
+            self._check_command(final=False, end=self._history.end)
 
-    def _on_barge_window(self, edge: VadEdge | None, window_end: int) -> None:
+    def _on_barge_window(self, edge: VadEdge | None, window_end: int, now: float) -> None:
         b = self._barge
         assert b is not None
         mode = self.config.interrupt_mode
         if edge is not None and edge.kind == "stop":
-            b.final = True
             if mode is InterruptMode.COMMAND and b.matched is None:
                 self._check_command(final=True, end=edge.sample)
             self._barge = None
@@ -548,53 +585,52 @@ class Session:
         elif mode is InterruptMode.COMMAND and window_end - b.checked_until >= COMMAND_CHECK_EVERY:
             self._check_command(final=False, end=window_end)
 
-    def _check_command(self, final: bool, end: int | None = None) -> None:
+    def _check_command(self, final: bool, end: int) -> None:
         b = self._barge
-        if b is None or self.recognizer is None or b.matched is not None:
+        if b is None or not self.has_recognizer or b.matched is not None:
             return
-        end = end if end is not None else self._history.end
         b.checked_until = end
         audio = self._history.slice(b.start, end)
         if audio.size < MODEL_RATE // 10:
             return
-        segment = b.segment
         phrases = self.config.interrupt_phrases
         # The verdict concerns the answer playing now (the last one started); a later answer is
         # not its to cancel.
-        asked_about = self._last_response_id
+        ticket = self._ask(_CommandAsk(b.segment, self._last_response_id, end, phrases))
+        self._work.append(Transcribe(ticket, audio, bias_prompt(phrases), droppable=not final))
 
-        def on_text(text: str | None) -> None:
-            phrase = match_phrase(text or "", phrases)
-            log.debug("barge-in segment %d heard %r -> %s", segment, text, phrase)
+    def recognized(self, ticket: int, text: str | None, now: float) -> None:
+        """The recognizer's answer to a Transcribe (None: it failed or the job was dropped)."""
+        ask = self._asks.pop(ticket, None)
+        if isinstance(ask, _TranscriptAsk):
+            self._emit(InputTranscript(ask.item_id, text or "", ask.audio_ms, failed=text is None))
+        elif isinstance(ask, _CommandAsk):
+            phrase = match_phrase(text or "", ask.phrases)
+            log.debug("barge-in segment %d heard %r -> %s", ask.segment, text, phrase)
             if phrase is None:
                 return
-            with self._lock:
-                if self._barge is not None and self._barge.segment == segment:
-                    self._barge.matched = phrase
-                if self._interrupted_segment >= segment:
-                    return  # this utterance already interrupted (an earlier check of it matched)
-                if self._last_response_id != asked_about or not self.assistant_speaking:
-                    return
-                self._interrupted_segment = segment
-                self._interrupt(phrase, end)
-
-        self.recognizer.submit(audio, bias_prompt(phrases), on_text, wait=final)
+            if self._barge is not None and self._barge.segment == ask.segment:
+                self._barge.matched = phrase
+            if self._interrupted_segment >= ask.segment:
+                return  # this utterance already interrupted (an earlier check of it matched)
+            if self._last_response_id != ask.response_id or not self.speaking_at(now):
+                return
+            self._interrupted_segment = ask.segment
+            self._interrupt(phrase, ask.end)
 
     def _interrupt(self, phrase: str, detected_at: int, announce: bool = True) -> None:
-        h = self.response
-        response_id = h.response_id if h is not None else self._last_response_id
+        r = self.response
+        response_id = r.response_id if r is not None else self._last_response_id
         if announce:  # clients stop playback on speech_started
             self._emit(SpeechStarted(self._new_id("item"), ms(detected_at)))
         self._emit(Interrupted(response_id, phrase, ms(detected_at)))
         self._playback_until = 0.0
-        if h is not None:
-            self._cancel("turn_detected")
+        self.cancel_response("turn_detected")
 
     # ---------------- bookkeeping ----------------
 
     def _new_id(self, kind: str) -> str:
-        return f"{kind}_{next(self._ids):06d}"
+        return f"{kind}_{self._tag}{next(self._ids):06d}"
 
     def close(self) -> None:
-        with self._lock:
-            self._cancel("client_cancelled")
+        self.cancel_response("client_cancelled")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +58,9 @@ class VadStream:
 
 @dataclass(frozen=True)
 class VadEdge:
-    kind: str  # "start" | "stop"
+    kind: str  # "start" | "stop" | "score" (semantic_vad: score the turn up to `sample`)
     sample: int  # absolute 16 kHz sample index of the edge
-
-
-# Scores the turn up to a sample (now, a short silence after the speech): p(the utterance is complete),
-# or None when no turn is open or no end-of-turn model is loaded.
-TurnScorer = Callable[[int], "float | None"]
+    pause: int = 0  # "score": the pause the score is for (a later pause makes it stale)
 
 
 class TurnDetector:
@@ -73,61 +68,82 @@ class TurnDetector:
     below threshold - 0.15 (silero's hysteresis) for silence_duration_ms. The stop edge is
     placed where the silence began.
 
-    semantic_vad: after `semantic_silence_ms` of silence, `scorer` (the end-of-turn model)
-    decides: complete -> the turn ends there; incomplete -> the pause may last up to the
-    eagerness limit. Without a score, the server_vad default (500 ms) applies."""
+    semantic_vad: after `semantic_silence_ms` of silence, a "score" edge asks for the
+    end-of-turn model's p(complete) of the turn so far (with that short silence: what Smart
+    Turn is trained on); `scored` hands it in: complete -> the turn ends there; incomplete ->
+    the pause may last up to the eagerness limit (also the limit while the score is out).
+    Without an end-of-turn model (has_scorer False), the server_vad default (500 ms) applies."""
 
     FALLBACK_SILENCE_MS = 500
 
-    def __init__(self, cfg: TurnDetection, scorer: TurnScorer | None = None) -> None:
+    def __init__(self, cfg: TurnDetection, has_scorer: bool = False) -> None:
         self.cfg = cfg
-        self.scorer = scorer
+        self.has_scorer = has_scorer
         self.speaking = False
         self.silence_start: int | None = None
         self._limit_ms: int | None = None  # semantic: the silence that ends this pause, once scored
+        self._asked = False  # semantic: this pause's score was asked for
+        self.pause = 0  # counts pauses: a score for an earlier one is stale
+        self._now = 0  # end of the last window seen
         self.last_score: float | None = None
 
     def reset(self) -> None:
         self.speaking = False
-        self.silence_start = None
-        self._limit_ms = None
+        self._new_pause(None)
 
-    def _silence_limit_ms(self, silent_ms: float, now: int) -> int:
+    def _new_pause(self, start: int | None) -> None:
+        self.silence_start = start
+        self._limit_ms = None
+        self._asked = False
+        self.pause += 1
+
+    def _silence_limit_ms(self) -> int:
         cfg = self.cfg
         if not cfg.semantic:
             return cfg.silence_duration_ms
-        if self._limit_ms is None:
-            if silent_ms < cfg.semantic_silence_ms:
-                return cfg.semantic_silence_ms
-            # Scored once, with the short silence included (what Smart Turn is trained on): more
-            # silence drifts every utterance towards "complete".
-            p = self.scorer(now) if self.scorer is not None else None
-            self.last_score = p
-            if p is None:
-                self._limit_ms = self.FALLBACK_SILENCE_MS
-            else:
-                self._limit_ms = cfg.semantic_silence_ms if p >= cfg.semantic_threshold else cfg.max_wait_ms
-        return self._limit_ms
+        if not self.has_scorer:
+            return self.FALLBACK_SILENCE_MS
+        if self._limit_ms is not None:
+            return self._limit_ms
+        return cfg.max_wait_ms if self._asked else cfg.semantic_silence_ms
 
     def update(self, prob: float, window_start: int) -> VadEdge | None:
+        self._now = window_start + WINDOW
         if not self.speaking:
             if prob >= self.cfg.threshold:
                 self.speaking = True
-                self.silence_start = None
-                self._limit_ms = None
+                self._new_pause(None)
                 return VadEdge("start", window_start)
             return None
         if prob >= self.cfg.threshold - 0.15:
-            self.silence_start = None
-            self._limit_ms = None
+            if self.silence_start is not None:
+                self._new_pause(None)
             return None
         if self.silence_start is None:
-            self.silence_start = window_start
-        silent_ms = (window_start + WINDOW - self.silence_start) * 1000 / RATE
-        if silent_ms >= self._silence_limit_ms(silent_ms, window_start + WINDOW):
-            self.speaking = False
-            edge = VadEdge("stop", self.silence_start)
-            self.silence_start = None
-            self._limit_ms = None
-            return edge
-        return None
+            self._new_pause(window_start)
+        return self._check()
+
+    def _check(self) -> VadEdge | None:
+        assert self.silence_start is not None
+        silent_ms = (self._now - self.silence_start) * 1000 / RATE
+        if silent_ms < self._silence_limit_ms():
+            return None
+        if self.cfg.semantic and self.has_scorer and self._limit_ms is None and not self._asked:
+            self._asked = True
+            return VadEdge("score", self._now, self.pause)
+        self.speaking = False
+        edge = VadEdge("stop", self.silence_start)
+        self._new_pause(None)
+        return edge
+
+    def scored(self, pause: int, p: float | None) -> VadEdge | None:
+        """The end-of-turn model's verdict on pause `pause`; a stop edge when it ends the turn now."""
+        if pause != self.pause or not self.speaking or self.silence_start is None:
+            return None  # stale: the speech went on (or the turn ended) meanwhile
+        self.last_score = p
+        cfg = self.cfg
+        if p is None:
+            self._limit_ms = self.FALLBACK_SILENCE_MS
+        else:
+            self._limit_ms = cfg.semantic_silence_ms if p >= cfg.semantic_threshold else cfg.max_wait_ms
+        return self._check()

@@ -67,7 +67,8 @@ class Client:
         self.extensions = False  # set once this client sent an `omnivox` session option
 
     def send(self, event: dict[str, Any]) -> None:
-        if event.get("type") == "session.update" and "omnivox" in (event.get("session") or {}):
+        session = event.get("session")
+        if event.get("type") == "session.update" and isinstance(session, dict) and "omnivox" in session:
             self.extensions = True
         self.ws.send(json.dumps(event))
 

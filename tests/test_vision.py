@@ -180,18 +180,18 @@ def test_generate_with_an_image(tiny2_ckpt: Path, tiny_ckpt: Path, tmp_path: Pat
 
 
 def test_a_session_keeps_only_the_pixels_of_a_pending_image(tiny2_model: OmniModel, tiny_model: OmniModel, vad) -> None:
+    from streaming.driver import LocalSession
     from streaming.events import SessionError
     from streaming.runner import ModelRunner
-    from streaming.session import Session
 
-    session = Session(ModelRunner(tiny2_model), vad, None)  # not started: add_image needs no runner thread
+    session = LocalSession(ModelRunner(tiny2_model), vad, None)  # not started: add_image needs no runner thread
     big = _encoded("PNG", size=(3000, 2000))
     assert session.add_image(big) is not None and session.image_pending
-    pending = session._pending_image
+    pending = session.session._pending_image
     assert isinstance(pending, torch.Tensor) and pending.shape == (3, 224, 224)
     assert session.add_image(b"not an image") is None
     errors = [e for e in session.poll() if isinstance(e, SessionError)]
     assert [e.code for e in errors] == ["invalid_image"]
-    mini = Session(ModelRunner(tiny_model), vad, None)
+    mini = LocalSession(ModelRunner(tiny_model), vad, None)
     assert mini.add_image(big) is None
     assert [e.code for e in mini.poll() if isinstance(e, SessionError)] == ["image_not_supported"]

@@ -1,0 +1,374 @@
+"""The engine's shape: a sans-I/O session under a fake clock, failures that end only the response
+they touched (fault injection in every stage), a loop that a slow recognizer never holds up, and
+send buffers bounded in bytes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.settings import ServerSettings
+from streaming.config import InterruptMode, SessionConfig, TurnDetection
+from streaming.driver import LocalSession
+from streaming.events import (
+    AudioChunk,
+    CancelResponse,
+    InputCommitted,
+    InputTranscript,
+    Interrupted,
+    PlaybackAt,
+    ResponseCreated,
+    ResponseDone,
+    SessionError,
+    SpeechStarted,
+    SpeechStopped,
+    StartResponse,
+    Transcribe,
+    TranscriptDelta,
+)
+from streaming.runner import SERVER_ERROR_MESSAGE, ModelRunner
+from streaming.session import Session
+
+from .test_server import Running, open_client, stop_server
+from .test_session import collect, done
+
+# ---------------- the session alone: inputs in, events and work out ----------------
+
+SPEECH, QUIET = [0.9] * 20, [0.0] * 20  # VAD probabilities of 20 windows (640 ms)
+
+
+def audio_for(probs: list[float]) -> np.ndarray:
+    return np.zeros(512 * len(probs), np.float32)
+
+
+def speak(s: Session, probs: list[float], now: float) -> None:
+    s.receive_audio(audio_for(probs), probs, now)
+
+
+def started(s: Session) -> StartResponse:
+    (work,) = [w for w in s.take_work() if isinstance(w, StartResponse)]
+    return work
+
+
+def test_session_is_a_deterministic_state_machine() -> None:
+    """No runner, no threads, no clock: a turn, its response's events, a cancel."""
+    s = Session(SessionConfig(input_sample_rate=16000))
+    speak(s, QUIET[:5] + SPEECH + QUIET, now=10.0)
+    events = s.take_events()
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped, InputCommitted, ResponseCreated]
+    assert events[0].audio_start_ms == 160 and events[1].audio_end_ms == 800
+    work = started(s)
+    assert work.request.task.value == "a1a2" and work.request.audio.size == 800 * 16  # from the input's start
+    rid = work.response_id
+    # The runner's events go in; the session forwards them and starts the playback clock.
+    s.response_event(TranscriptDelta(rid, work.item_id, "Hi"), now=11.0)
+    s.response_event(AudioChunk(rid, work.item_id, 0, 0.0, b"\0\0" * 2400), now=11.0)
+    assert s.take_work() == [PlaybackAt(rid, 11.0)]
+    assert s.speaking_at(11.05)
+    assert s.cancel_response("client_cancelled") and s.take_work() == [CancelResponse(rid, "client_cancelled")]
+    s.response_event(AudioChunk(rid, work.item_id, 1, 100.0, b"\0\0" * 2400), now=11.1)  # in flight: dropped
+    s.response_event(ResponseDone(rid, work.item_id, "cancelled", "client_cancelled", transcript="Hi there"), 11.2)
+    events = s.take_events()
+    assert [type(e) for e in events] == [TranscriptDelta, AudioChunk, ResponseDone]
+    end = events[-1]
+    assert isinstance(end, ResponseDone) and end.status == "cancelled"
+    assert end.transcript == "Hi" and end.audio_ms == pytest.approx(100.0)  # what the client got
+    assert s.response is None and not s.speaking_at(11.2)
+
+
+def test_a_response_asked_for_while_one_is_being_cancelled_starts_after_its_end() -> None:
+    s = Session(SessionConfig(turn_detection=None))
+    s.add_text("one", now=0.0, create_response=True)
+    first = started(s)
+    s.cancel_response()
+    second = s.add_text("two", now=0.1, create_response=True)
+    assert second and not [w for w in s.take_work() if isinstance(w, StartResponse)]
+    s.response_event(ResponseDone(first.response_id, first.item_id, "cancelled", "client_cancelled"), now=0.2)
+    events = s.take_events()
+    assert [type(e) for e in events] == [ResponseCreated, ResponseDone, ResponseCreated]
+    assert started(s).request.text == "two"
+
+
+def test_a_stale_verdict_is_dropped() -> None:
+    """A recognizer verdict about speech heard during answer A never cancels answer B."""
+    cfg = SessionConfig(input_sample_rate=16000, interrupt_mode=InterruptMode.COMMAND, max_audio_lead_ms=100)
+    s = Session(cfg, recognizer=True)
+    s.add_text("A", now=0.0, create_response=True)
+    a = started(s)
+    s.response_event(AudioChunk(a.response_id, a.item_id, 0, 0.0, b"\0\0" * 24000), now=0.0)  # 1 s playing
+    speak(s, SPEECH + QUIET, now=0.1)
+    asks = [w for w in s.take_work() if isinstance(w, Transcribe)]
+    assert len(asks) >= 2 and asks[0].droppable and not asks[-1].droppable  # partial checks, then the final one
+    s.cancel_response()
+    s.response_event(ResponseDone(a.response_id, a.item_id, "cancelled", "client_cancelled"), now=0.2)
+    s.report_playback(1e9, now=0.2)
+    s.add_text("B", now=0.3, create_response=True)
+    started(s)
+    for ask in asks:
+        s.recognized(ask.ticket, "stop omni", now=0.4)
+    assert not any(isinstance(e, Interrupted) for e in s.take_events())
+    assert s.response is not None and s.response.cancelled is None
+
+
+def test_semantic_vad_score_comes_back_as_an_input() -> None:
+    from streaming.events import ScoreTurn
+
+    td = TurnDetection(type="semantic_vad", create_response=False)
+    s = Session(SessionConfig(input_sample_rate=16000, turn_detection=td), turn_model=True)
+    speak(s, SPEECH + [0.0] * 9, now=0.0)  # 288 ms of silence: the model is asked once
+    (ask,) = [w for w in s.take_work() if isinstance(w, ScoreTurn)]
+    assert not any(isinstance(e, InputCommitted) for e in s.take_events())
+    s.turn_scored(ask.ticket, 0.97, now=0.1)  # complete: the turn ends where the silence began
+    (committed,) = [e for e in s.take_events() if isinstance(e, InputCommitted)]
+    assert committed.duration_ms == 640  # the speech (its prefix padding is clipped at the input's start)
+    s.turn_scored(ask.ticket, 0.97, now=0.2)  # an answer comes once; a repeat is ignored
+    assert s.take_events() == []
+
+
+# ---------------- failures stay inside one response ----------------
+
+
+def _install_fault(stage: str, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break `stage` for the response to the text "poison" only."""
+    if stage == "encode":
+        real_prompt = model.prompt
+
+        def prompt(task, **kw):  # type: ignore[no-untyped-def]
+            if kw.get("text") == "poison":
+                raise RuntimeError("secret internals of the encoder")
+            return real_prompt(task, **kw)
+
+        monkeypatch.setattr(model, "prompt", prompt)
+        return
+    poisoned: set[int] = set()
+    real_start = model.start
+
+    def start(prompt, *args, **kw):  # type: ignore[no-untyped-def]
+        gen = real_start(prompt, *args, **kw)
+        if _is_poison(model, prompt):
+            poisoned.add(id(gen.cache))
+            if stage == "prefill":
+
+                def step() -> None:
+                    raise RuntimeError("secret internals of the prefill")
+
+                gen.step = step  # type: ignore[method-assign]
+        return gen
+
+    monkeypatch.setattr(model, "start", start)
+    if stage == "step":
+        real_batched = model.llm.hidden_step_batched
+
+        def batched(embeds, groups):  # type: ignore[no-untyped-def]
+            if any(id(cache) in poisoned for cache, _, _ in groups):
+                raise RuntimeError("secret internals of a decode step")
+            return real_batched(embeds, groups)
+
+        monkeypatch.setattr(model.llm, "hidden_step_batched", batched)
+    elif stage == "snac":
+        import streaming.runner as runner_module
+
+        real_decode = runner_module.decode_windows
+
+        def decode(codec, windows):  # type: ignore[no-untyped-def]
+            if any(w.decoder.left == 2 for w in windows):  # the poisoned session's SNAC context
+                raise RuntimeError("secret internals of SNAC")
+            return real_decode(codec, windows)
+
+        monkeypatch.setattr(runner_module, "decode_windows", decode)
+
+
+def _is_poison(model: Any, prompt: Any) -> bool:
+    text_row = prompt.ids[prompt.text_row, model.layout.text_stream].tolist()
+    return "poison" in model.tokenizer.decode([t for t in text_row if t < model.layout.text_special_base])
+
+
+@pytest.mark.parametrize("stage", ["encode", "prefill", "step", "snac"])
+def test_a_failure_ends_only_the_response_it_touched(
+    tiny_model: Any, vad: Any, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    _install_fault(stage, tiny_model, monkeypatch)
+    runner = ModelRunner(tiny_model).start()
+    try:
+        cfg = SessionConfig(max_audio_lead_ms=1e6, max_new_tokens=40)
+        good = LocalSession(runner, vad, None, cfg)
+        bad = LocalSession(runner, vad, None, cfg.replace(left_context_frames=2))
+        good.add_text("Tell me about the weather.", create_response=True)
+        bad.add_text("poison", create_response=True)
+        bad_events = collect(bad, done)
+        good_events = collect(good, done)
+        errors = [e for e in bad_events if isinstance(e, SessionError)]
+        assert [e.code for e in errors] == ["server_error"] and errors[0].message == SERVER_ERROR_MESSAGE
+        end = bad_events[-1]
+        assert isinstance(end, ResponseDone) and end.status == "failed" and "secret" not in (end.reason or "")
+        assert good_events[-1].status in ("completed", "incomplete")  # type: ignore[attr-defined]
+        # The failed session takes its next turn (with the SNAC context the fault keys on restored).
+        bad.update(cfg)
+        bad.add_text("What is your name?", create_response=True)
+        assert collect(bad, done)[-1].status in ("completed", "incomplete")  # type: ignore[attr-defined]
+    finally:
+        runner.close()
+
+
+def test_a_batched_step_that_fails_once_is_retried_row_by_row(
+    tiny_model: Any, vad: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient failure of a batched step costs nothing: each response retries alone and
+    its answer is token for token the one it would have been."""
+
+    def answer(runner: ModelRunner, text: str) -> str:
+        s = LocalSession(runner, vad, None, SessionConfig(max_audio_lead_ms=1e6, max_new_tokens=40))
+        s.add_text(text, create_response=True)
+        return collect(s, done)[-1].transcript  # type: ignore[attr-defined]
+
+    runner = ModelRunner(tiny_model).start()
+    try:
+        expected = [answer(runner, t) for t in ("What is your name?", "Tell me a joke.")]
+        real_batched = tiny_model.llm.hidden_step_batched
+        failures = []
+
+        def flaky(embeds, groups):  # type: ignore[no-untyped-def]
+            if len(groups) > 1 and len(failures) < 3:
+                failures.append(len(groups))
+                raise RuntimeError("transient")
+            return real_batched(embeds, groups)
+
+        monkeypatch.setattr(tiny_model.llm, "hidden_step_batched", flaky)
+        sessions = [LocalSession(runner, vad, None, SessionConfig(max_audio_lead_ms=1e6, max_new_tokens=40))
+                    for _ in range(2)]  # fmt: skip
+        for s, t in zip(sessions, ("What is your name?", "Tell me a joke."), strict=True):
+            s.add_text(t, create_response=True)
+        got = [collect(s, done)[-1] for s in sessions]
+        assert failures, "the two answers never shared a batched step"
+        assert [e.status for e in got] != ["failed", "failed"]  # type: ignore[attr-defined]
+        assert [e.transcript for e in got] == expected  # type: ignore[attr-defined]
+    finally:
+        runner.close()
+
+
+def test_a_recognizer_failure_fails_only_the_transcript(tiny_model: Any, vad: Any) -> None:
+    from streaming.detector import RecognizerWorker
+
+    class Broken:
+        def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
+            raise RuntimeError("recognizer down")
+
+    worker = RecognizerWorker(Broken())
+    runner = ModelRunner(tiny_model).start()
+    try:
+        s = LocalSession(runner, vad, worker, SessionConfig(turn_detection=None, input_sample_rate=16000,
+                                                             transcribe_input=True, max_new_tokens=10))  # fmt: skip
+        s.append_audio(np.zeros(16000, "<i2").tobytes())
+        s.commit()
+        s.create_response()
+        events = collect(s, lambda ev: done(ev) and any(isinstance(e, InputTranscript) for e in ev))
+        assert next(e for e in events if isinstance(e, InputTranscript)).failed
+        assert any(isinstance(e, ResponseDone) and e.status in ("completed", "incomplete") for e in events)
+    finally:
+        runner.close()
+        worker.close()
+
+
+# ---------------- the server's loop is never blocked ----------------
+
+
+class SlowASR:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return "slow"
+
+
+@pytest.fixture()
+def slow_asr_server(tiny_ckpt: Path) -> Iterator[tuple[Running, SlowASR]]:
+    from model.omni import OmniModel
+    from server.app import Engine
+    from server.serve import start_in_thread
+    from streaming.detector import RecognizerWorker
+
+    settings = ServerSettings(port=0, checkpoint_dir=tiny_ckpt, max_sessions=4, log_level="warning", turn_model=False)
+    asr = SlowASR(2.0)
+    engine = Engine(OmniModel.load(tiny_ckpt), settings, demo=True, recognizer=RecognizerWorker(asr, max_jobs=2))
+    srv, thread, port = start_in_thread(engine)
+    r = Running(engine, thread, srv, port)
+    yield r, asr
+    stop_server(r)
+
+
+def test_a_slow_recognizer_with_a_full_queue_holds_nobody_up(slow_asr_server: tuple[Running, SlowASR]) -> None:
+    server, asr = slow_asr_server
+    flooder = open_client(server)
+    flooder.update(audio={"input": {"turn_detection": None, "transcription": {"model": "whisper-1"},
+                                    "format": {"type": "audio/pcm", "rate": 16000}}})  # fmt: skip
+    probe = open_client(server)
+    chunk = {"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(3200)).decode()}
+
+    def flood() -> None:  # every commit asks the 2 s recognizer for a transcript
+        for _ in range(8):
+            flooder.send(chunk)
+            flooder.send({"type": "input_audio_buffer.commit"})
+
+    t = threading.Thread(target=flood)
+    t.start()
+    rtts = []
+    for _ in range(20):
+        t0 = time.monotonic()
+        probe.send({"type": "input_audio_buffer.clear"})
+        probe.recv_until(lambda e: e["type"] == "input_audio_buffer.cleared", timeout=5)
+        rtts.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    t.join()
+    assert asr.calls >= 1  # the recognizer was busy meanwhile
+    # Its list was full (2 jobs, 2 s each): later transcripts failed at once instead of waiting.
+    got = flooder.recv_until(lambda e: e["type"] == "conversation.item.input_audio_transcription.failed", timeout=10)
+    assert any(e["type"] == "input_audio_buffer.committed" for e in got)
+    print(f"probe round trips while the recognizer was saturated: max {max(rtts) * 1000:.0f} ms, "
+          f"median {sorted(rtts)[len(rtts) // 2] * 1000:.0f} ms")  # fmt: skip
+    assert max(rtts) < 0.25  # the old code held every loop up to 2 s here
+    flooder.ws.close()
+    probe.ws.close()
+
+
+def test_a_client_that_stops_reading_is_cut_off_by_bytes(tiny_ckpt: Path) -> None:
+    """Few events, many bytes: the byte bound cuts the client off (1008), and memory is not kept."""
+    import socket
+
+    from .test_server import start_server
+    from .test_server_robustness import _frame, _raw_ws
+
+    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, send_buffer_bytes=256 * 1024,
+                                    send_timeout_s=3, interrupt_detector=False, log_level="warning"))  # fmt: skip
+    try:
+        slow = _raw_ws(r.port)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        update = {"type": "session.update", "session": {"type": "realtime", "instructions": "x" * 30000}}
+        frame = _frame(json.dumps(update))
+        deadline = time.monotonic() + 30
+        sent = 0
+        slow.settimeout(1.0)  # once the server stops reading (it cut us off), sends stall
+        while time.monotonic() < deadline and len(r.engine.connections) == 1:
+            try:
+                slow.sendall(frame)
+                sent += 1
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            time.sleep(0.005)
+        assert len(r.engine.connections) == 0, "the client that stopped reading was never cut off"
+        print(f"cut off after {sent} echoes of ~30 kB (bound 256 KiB)")
+        slow.close()
+    finally:
+        stop_server(r)

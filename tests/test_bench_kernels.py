@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.kernels import CHAIN_CALLS, CHAIN_GRAPH, MATRICES, Shapes, all_kernels, bench_kernels
-from server.cli import build_parser
+from omnivox.cli import build_parser
 
 TINY = Shapes(n_embd=128, intermediate=256, qkv_out=192, text_rows=320, audio_rows=64, n_layers=2)
 

@@ -13,7 +13,7 @@ import torch
 from model.audio import feature_frames, load_audio_file
 from model.errors import InputError
 from model.make_checkpoint import make_checkpoint
-from server.cli import main
+from omnivox.cli import main
 
 from .conftest import FIXTURES
 

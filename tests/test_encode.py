@@ -14,7 +14,7 @@ from model.audio import SAMPLE_RATE, WhisperDims, WhisperEncoder, feature_frames
 from model.config import WHISPER_WINDOWS
 from model.errors import InputError
 from model.omni import OmniModel
-from server.cli import build_parser
+from omnivox.cli import build_parser
 from server.settings import ServerSettings
 
 from .conftest import fixture_audio
@@ -103,7 +103,7 @@ def test_window_reaches_generate_and_serve(monkeypatch: pytest.MonkeyPatch) -> N
 def test_bench_encode_reports_every_variant(tiny_ckpt: Path, tmp_path: Path) -> None:
     import json
 
-    from server.cli import main
+    from omnivox.cli import main
 
     out = tmp_path / "encode.json"
     assert main(["bench", "encode", "--checkpoint-dir", str(tiny_ckpt), "--repeats", "1", "--json", str(out)]) == 0
@@ -122,7 +122,7 @@ def test_bench_encode_reports_every_variant(tiny_ckpt: Path, tmp_path: Path) -> 
 
 
 def test_generate_and_serve_load_the_window(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.cli import main
+    from omnivox.cli import main
     from server.serve import build_engine
 
     from .conftest import FIXTURES

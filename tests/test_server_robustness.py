@@ -164,7 +164,7 @@ def test_a_client_that_stops_reading_is_cut_off(tiny_ckpt: Path) -> None:
 def test_sigterm_closes_sessions_with_1001_and_exits(tiny_ckpt: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMNIVOX_INTERRUPT_DETECTOR": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--checkpoint-dir", str(tiny_ckpt)],
+        [sys.executable, "-m", "omnivox", "serve", "--port", "0", "--checkpoint-dir", str(tiny_ckpt)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:

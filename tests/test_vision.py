@@ -160,7 +160,7 @@ def test_bad_images_are_refused_with_a_reason(data: bytes, kwargs: dict, match: 
 
 
 def _omnivox(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "omnivox", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_generate_with_an_image(tiny2_ckpt: Path, tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""The `omnivox` command line: generate, make-checkpoint, bench."""
+"""The `omnivox` command line: generate, serve, make-checkpoint, bench.
+
+The top of the import graph: it dispatches to `model`, `server` and `benchmarks`; nothing of
+ours imports it (tests/test_layout.py).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ log = logging.getLogger("omnivox")
 WHISPER_WINDOW_HELP = (
     "padded (default): encode each turn in Whisper's 30 s window, exact; "
     "trimmed: encode only the turn's length, much faster, approximate (README, Precision)"
+)
+# The rule of model.omni.resolve_precision, in words.
+DTYPE_HELP = (
+    "auto: bfloat16 on CUDA; on CPU int8 when the CPU has native bf16 (avx512_bf16 or amx_bf16), "
+    "else float32; int8: CPU only, int8 weights with bf16 activations (fastest, approximate)"
 )
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
 
@@ -49,7 +58,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-dir", type=Path, help="local Mini-Omni checkpoint directory")
     g.add_argument("--checkpoint", help="hub id such as gpt-omni/mini-omni (needs network or a cached copy)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=list(PRECISIONS))
+    p.add_argument("--dtype", default="float32", choices=list(PRECISIONS), help=DTYPE_HELP + " (default %(default)s)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -142,8 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ConfigError, serve
-    from .settings import ServerSettings
+    from server.serve import ConfigError, serve
+    from server.settings import ServerSettings
 
     flags = {
         "host": args.host,
@@ -348,8 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         choices=list(PRECISIONS),
-        help="auto (default): bfloat16 on GPUs and CPUs with native bf16, else float32; "
-        "int8: CPU-only int8 weights, bf16 activations (fastest, approximate)",
+        help=DTYPE_HELP + " (default auto; OMNIVOX_DTYPE)",
     )
     sv.add_argument("--whisper-window", default=None, choices=list(WHISPER_WINDOWS),
                     help=WHISPER_WINDOW_HELP + " (OMNIVOX_WHISPER_WINDOW)")  # fmt: skip
@@ -415,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--checkpoint-dir", type=Path)
     bp.add_argument("--checkpoint")
     bp.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")
-    bp.add_argument("--dtype", default="auto", choices=list(PRECISIONS))
+    bp.add_argument("--dtype", default="auto", choices=list(PRECISIONS), help=DTYPE_HELP + " (default %(default)s)")
     bp.add_argument("--steps", type=int, default=120)
     bp.add_argument("--sessions", default="1,2")
     bp.add_argument("--max-chunk-frames", type=int, default=4)

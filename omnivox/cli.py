@@ -269,6 +269,34 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from benchmarks.soak import bench_soak, print_soak
+
+    ckpt = None
+    if args.url is None:  # the demo `omnivox serve` runs: a tiny random Mini-Omni2 unless a checkpoint is given
+        ckpt = args.checkpoint_dir or args.checkpoint or demo_checkpoint(args.size, family="mini-omni2")
+    result = bench_soak(
+        ckpt,
+        _wav_arg(args.question_wav, "question.wav", "--question-wav"),
+        _wav_arg(args.barge_in_wav, "stop_omni.wav", "--barge-in-wav"),
+        minutes=args.minutes,
+        sessions=args.sessions,
+        url=args.url,
+        api_key=args.api_key or os.environ.get("OMNIVOX_API_KEY"),
+        pid=args.pid,
+        dtype=args.dtype,
+        device=args.device,
+        max_output_tokens=args.max_output_tokens,
+        turn_timeout_s=args.turn_timeout,
+        seed=args.seed,
+        steps=tuple(args.steps.split(",")),
+        disconnect_share=args.disconnect_share,
+    )
+    print_soak(result)
+    _save_json(args.json, result)
+    return 0 if result["ok"] else 1
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from benchmarks.compare import bench_compare
 
@@ -419,6 +447,30 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--question-wav", type=Path, help="what the clients say (default: the test fixture)")
     bs.add_argument("--json", type=Path, help="save the result here")
     bs.set_defaults(func=cmd_bench_serve)
+    bso = bsub.add_parser("soak", help="K scripted conversations for N minutes: leaks, stuck sessions, bad closes")
+    _add_checkpoint_args(bso)
+    bso.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random Mini-Omni2 when none is given")
+    bso.add_argument("--minutes", type=float, required=True, help="how long clients keep starting conversations")
+    bso.add_argument("--sessions", type=int, default=4, help="concurrent clients (default 4)")
+    bso.add_argument("--url", help="a running server's ws://.../v1/realtime (default: start one in-process)")
+    bso.add_argument("--api-key", help="for --url (default OMNIVOX_API_KEY); never logged")
+    bso.add_argument("--pid", type=int, help="with --url: the server process whose RSS to sample "
+                     "(default: the local process listening on the URL's port, when visible)")  # fmt: skip
+    bso.add_argument("--max-output-tokens", type=int, default=150, help="decode budget of each answer (steps)")
+    bso.add_argument("--turn-timeout", type=float, default=60.0, help="bound on every wait, seconds")
+    bso.add_argument("--seed", type=int, default=0, help="seed of the conversation scripts")
+    bso.add_argument("--steps", default="ptt,server_vad,barge_in_vad,barge_in_command,bad_frames",
+                     help="the step kinds scripts are drawn from, comma-separated (default: all)")  # fmt: skip
+    bso.add_argument(
+        "--disconnect-share",
+        type=float,
+        default=0.25,
+        help="share of conversations ending in an abrupt disconnect mid-answer (default 0.25)",
+    )
+    bso.add_argument("--question-wav", type=Path, help="what the clients say (default: the test fixture)")
+    bso.add_argument("--barge-in-wav", type=Path, help="what they say over answers (default: 'stop omni')")
+    bso.add_argument("--json", type=Path, default=Path("out/bench/soak.json"), help="default out/bench/soak.json")
+    bso.set_defaults(func=cmd_bench_soak)
     bp = bsub.add_parser("pipeline", help="steady-state real-time factor of whole answers through the runner")
     bp.add_argument("--checkpoint-dir", type=Path)
     bp.add_argument("--checkpoint")

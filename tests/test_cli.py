@@ -151,3 +151,31 @@ def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     threads = doc["stage_threads"]  # what each stage's own thread runs with, measured there
     assert threads["llm"] >= 1 and threads["encoder"] >= 1 and threads["snac"] >= 1 and threads["asr"] == 1
     assert {"cpu_model", "cores", "torch"} <= set(doc["machine"])
+
+
+def test_bench_soak_writes_json(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "soak.json"
+    # With these two step kinds, seed 3 scripts the first conversation of client 0 as two bad-frame steps and
+    # an abrupt disconnect (done in ~4 s), and client 1's as a barge-in first: every kind runs in the 9 s.
+    rc = main(["bench", "soak", "--checkpoint-dir", str(tiny_ckpt), "--minutes", "0.15", "--sessions", "2",
+               "--seed", "3", "--steps", "bad_frames,barge_in_vad", "--disconnect-share", "1",
+               "--json", str(out)])  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert rc == 0 and doc["ok"] is True and doc["failures"] == [], doc["failures"]
+    assert set(doc) >= {"turns_completed", "turns_by_step", "responses_by_status", "barge_ins", "barge_ins_by_mode",
+                        "disconnects", "bad_frames", "errors_by_code", "unexpected_closes", "timeouts",
+                        "stuck_sessions", "rss_series", "rss", "ttfa_ms", "machine"}  # fmt: skip
+    assert doc["in_process"] is True and doc["connections"] >= 3
+    assert doc["stuck_sessions"] == 0 and doc["unexpected_closes"] == 0 and doc["timeouts"] == {}
+    bad = doc["bad_frames"]
+    assert bad["sent"] >= 6 and bad["answered"] == bad["sent"] and bad["mismatched"] == []
+    assert sum(doc["errors_by_code"].values()) == bad["sent"] and doc["unprovoked_errors_by_code"] == {}
+    assert doc["disconnects"] >= 1
+    vad = doc["barge_ins_by_mode"]["vad"]
+    assert vad["attempted"] >= 1 and vad.get("cancelled", 0) >= 1 and doc["responses_by_status"]["cancelled"] >= 1
+    assert doc["turns_by_step"].get("barge_in_vad_followup", 0) >= 1  # the interrupting speech was answered
+    series = doc["rss_series"]
+    assert len(series) >= 3 and all(s["rss_mb"] > 0 for s in series)
+    assert doc["rss"]["growth_pct"] is not None and doc["rss"]["peak_mb"] >= doc["rss"]["warmup_mb"]
+    printed = capsys.readouterr().out
+    assert "stuck sessions 0" in printed and "[soak" in printed and "OK" in printed

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from .audio import WhisperEncoder
 from .codec import SnacCodec
@@ -26,7 +25,7 @@ TOKENIZER = "tokenizer.json"
 WHISPER_CANDIDATES = ("small.pt", "whisper/small.pt")
 SNAC_DIR = "snac"
 
-_LAYER_MAP = {  # lit-gpt block key -> transformers Qwen2 decoder-layer key (unfused parts)
+_LAYER_MAP = {  # lit-gpt block key -> our decoder-layer key (transformers' Qwen2 names; unfused parts)
     "norm_1.weight": "input_layernorm.weight",
     "norm_2.weight": "post_attention_layernorm.weight",
     "attn.proj.weight": "self_attn.o_proj.weight",
@@ -88,7 +87,7 @@ def litgpt_to_omni(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str = 
         ) = wq, wk, wv
         if cfg.add_qkv_bias:
             bq, bk, bv = split_qkv(need(src + "attn.attn.bias"), cfg)
-        else:  # transformers' Qwen2 always has q/k/v biases: zeros are exactly "no bias"
+        else:  # our q/k/v always have biases: zeros are exactly "no bias"
             bq, bk, bv = (torch.zeros(w.shape[0], dtype=w.dtype) for w in (wq, wk, wv))
         out[dst + "self_attn.q_proj.bias"], out[dst + "self_attn.k_proj.bias"], out[dst + "self_attn.v_proj.bias"] = (
             bq,
@@ -143,8 +142,6 @@ def build_llm(
         raise CheckpointError(f"{LIT_MODEL}: weights do not match {MODEL_CONFIG}: {e}") from None
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embed_tokens.weight
-    # Non-persistent buffers were made on the meta device: rebuild RoPE in fp32 on the target device.
-    model.backbone.rotary_emb = Qwen2RotaryEmbedding(config=model.backbone.config).to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -2,19 +2,25 @@
 
 `Generation` owns one response's KV cache and advances one step per `step()` call,
 returning the step's text token, its 7 audio tokens (audio-out tasks) and the SNAC
-frame that step completed, if any. Stop rules, their order and the token budget
-follow upstream Mini-Omni exactly, so greedy outputs are token-identical.
+frame that step completed, if any. `step_batch(gens)` steps several responses with one
+forward (continuous batching). Stop rules, their order and the token budget follow
+upstream Mini-Omni exactly, so greedy outputs are token-identical.
+
+Steps are all-or-nothing: `begin_step` changes nothing, the forward commits a cache only
+when it completes, and a response's state advances only in `finish_step` after its tokens
+were sampled. A step that raised can therefore be retried (alone or batched) and yields the
+tokens an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .codec import dedelay
-from .llm import OmniLM
+from .llm import CacheRows, OmniLM
 from .prompts import Prompt
 
 
@@ -64,6 +70,16 @@ class StepOutput:
     text: int  # text token as kept (after _pad_t replacement once text has ended)
     audio: tuple[int, ...] | None  # 7 local audio ids, audio-out tasks only
     frame: tuple[int, ...] | None  # the de-delayed frame this step completed (raw ids)
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What a step sampled, before anything of the Generation changed."""
+
+    text: int
+    audio: torch.Tensor | None  # (7,)
+    stop: str | None  # "eoa" | "eot": this step ends the answer and keeps nothing
+    text_ends: bool = False
 
 
 @dataclass
@@ -119,10 +135,17 @@ class Generation:
         self.max_steps = block - prompt.length
         if max_new_tokens is not None:
             self.max_steps = max(1, min(self.max_steps, max_new_tokens))
+        # On the model's device (a CPU generator cannot draw for CUDA logits). seed=None draws a
+        # fresh seed from the OS per Generation; `self.seed` records it so a run can be replayed.
         self.generator: torch.Generator | None = None
+        self.seed: int | None = None
         if not self.sampling.greedy:
-            self.generator = torch.Generator(device="cpu")
-            self.generator.manual_seed(self.sampling.seed if self.sampling.seed is not None else 0)
+            self.generator = torch.Generator(device=model.device)
+            if self.sampling.seed is None:
+                self.seed = self.generator.seed()
+            else:
+                self.seed = self.sampling.seed
+                self.generator.manual_seed(self.seed)
         self.cache = model.new_cache()
         self.steps_done = 0
         self.text_ended = False
@@ -138,15 +161,9 @@ class Generation:
     def done(self) -> bool:
         return self.stop is not None
 
-    @torch.inference_mode()
     def step(self) -> StepOutput | None:
         """Run one step on this response alone: the prefill first, then one decode step per call."""
-        nxt = self.begin_step()
-        if nxt is None:
-            return None
-        embeds, pos = nxt
-        h = self.model.hidden(embeds, self.cache, pos)[:, -1]  # (B, C)
-        return self.finish_step(h)
+        return step_batch([self])[0]
 
     @property
     def in_prefill(self) -> bool:
@@ -155,13 +172,11 @@ class Generation:
     @torch.inference_mode()
     def begin_step(self) -> tuple[torch.Tensor, int] | None:
         """The next step's input embeddings (B, T, C) and first position, or None when done.
+        Changes nothing: call it again after a failed step.
 
-        With `finish_step`, lets a runner put the decode steps of many responses into one
-        batched forward (`OmniLM.hidden_step_batched`)."""
-        if self.stop is not None:
-            return None
-        if self.steps_done >= self.max_steps:
-            self.stop = "budget"
+        With the model's `hidden_batched` and `finish_step`, lets a runner put the steps of
+        many responses into one forward (what `step_batch` does)."""
+        if self.stop is not None or self.steps_done >= self.max_steps:
             return None
         if self.steps_done == 0:
             return self.model.embed(self.prompt.ids.to(self.model.device), self.prompt.splices), 0
@@ -170,10 +185,27 @@ class Generation:
 
     @torch.inference_mode()
     def finish_step(self, h: torch.Tensor) -> StepOutput | None:
-        """Sample from the step's last hidden states h (B, C) and apply upstream's stop rules."""
+        """Sample from the step's last hidden states h (B, C) and apply upstream's stop rules.
+        If it raises, the Generation (sampling generator included) is as before."""
+        state = self._rng_state()
+        try:
+            decision = self._decide(h)
+        except BaseException:
+            self._restore_rng(state)
+            raise
+        return self._commit(decision)
+
+    def _rng_state(self) -> torch.Tensor | None:
+        return self.generator.get_state() if self.generator is not None else None
+
+    def _restore_rng(self, state: torch.Tensor | None) -> None:
+        if self.generator is not None and state is not None:
+            self.generator.set_state(state)
+
+    def _decide(self, h: torch.Tensor) -> _Decision:
+        """Sample this step's tokens and judge the stop rules; changes nothing but the generator."""
         task, layout = self.prompt.task, self.layout
-        s = self.steps_done
-        first = s == 0
+        first = self.steps_done == 0
         audio: torch.Tensor | None = None
         if task.audio_out:
             audio = sample(
@@ -184,30 +216,38 @@ class Generation:
         else:
             row = h[self.prompt.text_row : self.prompt.text_row + 1]
             text = int(sample(self.model.text_logits(row), self.sampling, self.generator)[0])
-
         if not first and self.stop_rules:
             if task.audio_out:
                 assert audio is not None
                 if int(audio[-1]) == layout.eoa:  # rule (2): the last layer's _eoa ends the answer
-                    self.stop = "eoa"
-                    return None
+                    return _Decision(text, audio, "eoa")
                 if text == layout.eot:  # rule (3): the _eot itself is kept
-                    self.text_ended = True
+                    return _Decision(text, audio, None, text_ends=True)
             elif text == layout.eot:
-                self.stop = "eot"
-                return None
+                return _Decision(text, audio, "eot")
+        return _Decision(text, audio, None)
 
-        self.text_steps.append(text)
+    def _commit(self, d: _Decision) -> StepOutput | None:
+        """Advance the state by a decided step (cannot fail: plain bookkeeping)."""
+        if d.stop is not None:
+            self.stop = d.stop
+            return None
+        self.text_ended = self.text_ended or d.text_ends
+        s = self.steps_done
+        self.text_steps.append(d.text)
         frame = None
-        if audio is not None:
-            self.audio_steps.append(audio)
-            n = layout.num_audio_layers
+        if d.audio is not None:
+            self.audio_steps.append(d.audio)
+            n = self.layout.num_audio_layers
             if len(self.audio_steps) > n:
                 f = len(self.audio_steps) - n - 1
                 frame = tuple(int(self.audio_steps[f + i + 1][i]) for i in range(n))
-        self._feedback = self._make_feedback(text, audio)
+        self._feedback = self._make_feedback(d.text, d.audio)
         self.steps_done += 1
-        return StepOutput(s, text, tuple(int(a) for a in audio) if audio is not None else None, frame)
+        if self.steps_done >= self.max_steps:
+            self.stop = "budget"
+        audio = tuple(int(a) for a in d.audio) if d.audio is not None else None
+        return StepOutput(s, d.text, audio, frame)
 
     def _make_feedback(self, text: int, audio: torch.Tensor | None) -> torch.Tensor:
         rows = self.prompt.rows
@@ -234,3 +274,49 @@ class Generation:
             else torch.zeros((self.layout.num_audio_layers, 0), dtype=torch.long)
         )
         return GenerationResult(list(self.text_steps), audio, self.stop or "running", eot=self.layout.eot)
+
+
+@torch.inference_mode()
+def step_batch(gens: Sequence[Generation]) -> list[StepOutput | None]:
+    """One step of each generation (of one model): one forward per distinct step length, so
+    all decode steps share one, then sampling. Returns each one's `step()` result (None: done,
+    `gen.stop` says why).
+
+    All or nothing: if it raises, no Generation has changed and no cache lost a valid position
+    (a failed forward commits nothing; after a completed one a cache may hold this step's keys,
+    which the retry rewrites in place: model.llm.KVCache). So the caller may retry each
+    response alone with `step()` (or any subset with `step_batch`) and gets the tokens of an
+    uninterrupted run."""
+    if len({id(g) for g in gens}) != len(gens):
+        raise ValueError("a Generation appears twice in one batch")
+    outs: list[StepOutput | None] = [None] * len(gens)
+    if not gens:
+        return outs
+    model = gens[0].model
+    by_length: dict[int, list[tuple[int, torch.Tensor, int]]] = {}
+    for i, g in enumerate(gens):
+        if g.model is not model:
+            raise ValueError("step_batch steps generations of one model")
+        nxt = g.begin_step()
+        if nxt is not None:
+            by_length.setdefault(nxt[0].shape[1], []).append((i, *nxt))
+    hidden: dict[int, torch.Tensor] = {}
+    for items in by_length.values():
+        groups, row = [], 0
+        for i, embeds, pos in items:
+            groups.append(CacheRows(gens[i].cache, pos, slice(row, row + embeds.shape[0])))
+            row += embeds.shape[0]
+        h = model.hidden_batched(torch.cat([e for _, e, _ in items]), groups)[:, -1]  # (N, C)
+        for (i, _, _), grp in zip(items, groups, strict=True):
+            hidden[i] = h[grp.rows]
+    # Sample every response before committing any, so a failure leaves all as they were.
+    states = [g._rng_state() for g in gens]
+    try:
+        decisions = {i: gens[i]._decide(h) for i, h in sorted(hidden.items())}
+    except BaseException:
+        for g, state in zip(gens, states, strict=True):
+            g._restore_rng(state)
+        raise
+    for i, d in decisions.items():
+        outs[i] = gens[i]._commit(d)
+    return outs

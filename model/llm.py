@@ -1,19 +1,22 @@
-"""The Mini-Omni language model: transformers' Qwen2 backbone driven with averaged
-8-stream embeddings, an output head over the padded vocabulary read in slices, and
-the SwiGLU adapters that map encoder features into the embedding space.
+"""The Mini-Omni language model: a Qwen2 decoder (our own block forward over the checkpoint's
+weights) driven with averaged 8-stream embeddings, an output head over the padded vocabulary
+read in slices, and the SwiGLU adapters that map encoder features into the embedding space.
+
+One forward, `OmniLM.hidden_batched`, serves the prefill, a single response's decode step and
+the batched decode of several responses (continuous batching): the rows of all responses are
+stacked, every matmul runs once over all of them, and attention runs per response against its
+own `KVCache` at its own positions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, Qwen2Config, Qwen2Model
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, apply_rotary_pos_emb
 
 from .config import ModelConfig
 
@@ -31,23 +34,178 @@ class SwiGLUAdapter(nn.Module):
         return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
 
 
-def qwen2_config(cfg: ModelConfig) -> Qwen2Config:
-    config = Qwen2Config(  # type: ignore[call-arg]  # head_dim is a documented extra kwarg
-        vocab_size=cfg.padded_vocab_size,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_query_groups,
-        head_dim=cfg.head_size,
-        max_position_embeddings=cfg.block_size,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-    )
-    config._attn_implementation = "sdpa"
-    return config
+class KVCache:
+    """One response's keys and values for every layer: k, v (n_layer, B, KV, capacity, hs).
+
+    A forward writes positions [start, start + T) in place and attends to [0, start + T);
+    `length`, the valid prefix, advances only after the whole forward succeeded. So a forward
+    that raised leaves the cache as it was (its half-written slots lie past `length`, and a
+    retry at the same start overwrites them), and `start <= length` lets a step be redone
+    after its forward succeeded but the step failed later (in sampling, say).
+    """
+
+    GROW = 256  # capacity grows in multiples of this (a copy of the valid prefix each time)
+
+    def __init__(self, n_layer: int, n_kv_heads: int, head_size: int, max_len: int) -> None:
+        self.n_layer, self.n_kv_heads, self.head_size, self.max_len = n_layer, n_kv_heads, head_size, max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[3]
+
+    def reserve(self, start: int, stop: int, like: torch.Tensor) -> None:
+        """Room for positions [start, stop) of `like`'s rows, dtype and device. Raises before
+        changing anything when the write would leave a hole or pass the window."""
+        if not 0 <= start <= self.length:
+            raise ValueError(f"KV write at position {start}: only {self.length} positions are valid")
+        if stop > self.max_len:
+            raise ValueError(f"position {stop - 1} is past the model's {self.max_len}-token window")
+        rows = like.shape[0]
+        if self.k is not None and (self.k.shape[1], self.k.dtype, self.k.device) != (rows, like.dtype, like.device):
+            raise ValueError("a KV cache serves one response: same rows, dtype and device at every step")
+        if stop <= self.capacity:
+            return
+        cap = min(self.max_len, max(2 * self.capacity, -(-stop // self.GROW) * self.GROW))
+        k = like.new_empty((self.n_layer, rows, self.n_kv_heads, cap, self.head_size))
+        v = torch.empty_like(k)
+        if self.k is not None and self.v is not None:
+            k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
+            v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+        self.k, self.v = k, v
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, KV, T, hs) at [start, start + T) of `layer` -> its keys, values for [0, start + T)."""
+        assert self.k is not None and self.v is not None, "reserve() first"
+        stop = start + k.shape[2]
+        self.k[layer, :, :, start:stop] = k
+        self.v[layer, :, :, start:stop] = v
+        return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+
+
+class CacheRows(NamedTuple):
+    """One response in a forward: its cache, the position of its first new token, its rows."""
+
+    cache: KVCache
+    start: int
+    rows: slice
+
+
+@dataclass(frozen=True)
+class _Attend:
+    rows: CacheRows
+    mask: torch.Tensor | None  # (T, start + T) bool, only for T > 1 after a prefix
+    causal: bool
+
+
+def rope_tables(positions: torch.Tensor, head_size: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """positions (N, T) -> cos, sin (N, 1, T, hs): rotate-half RoPE over the whole head, angles in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float, device=positions.device) / head_size))
+    angles = positions[..., None].float() * inv_freq  # (N, T, hs / 2)
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # statistics in fp32, the scale applied in the input's dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention; q/k/v always carry a bias (zeros where the checkpoint has none)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hs, c = cfg.head_size, cfg.n_embd
+        self.head_size = hs
+        self.q_proj = nn.Linear(c, cfg.n_head * hs, bias=True)
+        self.k_proj = nn.Linear(c, cfg.n_query_groups * hs, bias=True)
+        self.v_proj = nn.Linear(c, cfg.n_query_groups * hs, bias=True)
+        self.o_proj = nn.Linear(cfg.n_head * hs, c, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, plan: Sequence[_Attend]
+    ) -> torch.Tensor:
+        n, t, _ = x.shape
+        hs = self.head_size
+        q = apply_rope(self.q_proj(x).view(n, t, -1, hs).transpose(1, 2), cos, sin)  # (N, H, T, hs)
+        k = apply_rope(self.k_proj(x).view(n, t, -1, hs).transpose(1, 2), cos, sin)  # (N, KV, T, hs)
+        v = self.v_proj(x).view(n, t, -1, hs).transpose(1, 2)  # (N, KV, T, hs)
+        outs = []
+        for a in plan:  # each response against its own cache
+            cache, start, rows = a.rows
+            keys, values = cache.write(layer, start, k[rows], v[rows])  # (B, KV, start + T, hs)
+            qr = q[rows]
+            if t == 1:
+                # One position: the q-heads of a group become queries of their KV head (no mask
+                # needed); on CPU several times faster than SDPA's enable_gqa at bf16.
+                b, kv = qr.shape[0], keys.shape[1]
+                o = F.scaled_dot_product_attention(qr.reshape(b, kv, -1, hs), keys, values).reshape(b, -1, 1, hs)
+            else:
+                o = F.scaled_dot_product_attention(
+                    qr, keys, values, attn_mask=a.mask, is_causal=a.causal, enable_gqa=True
+                )
+            outs.append(o)
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H, T, hs)
+        return cast(torch.Tensor, self.o_proj(o.transpose(1, 2).reshape(n, t, -1)))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x) (lit-gpt's LLaMAMLP fc_1, fc_2, proj)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """`x += attn(norm_1 x)`, then `x += mlp(norm_2 x)`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, plan: Sequence[_Attend]
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, plan)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The Qwen2 decoder stack. Parameter names are transformers' Qwen2Model's, so state-dict
+    keys (model.checkpoint's lit-gpt conversion) stay what they were."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return cast(list[DecoderLayer], list(self.layers))
 
 
 @dataclass(frozen=True)
@@ -127,7 +285,7 @@ class OmniLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.layout = cfg.layout
-        self.backbone = Qwen2Model(qwen2_config(cfg))  # backbone.embed_tokens is lit-gpt's wte
+        self.backbone = Backbone(cfg)  # backbone.embed_tokens is lit-gpt's wte
         self.lm_head: nn.Linear | Int8Head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embed_tokens.weight
@@ -145,7 +303,8 @@ class OmniLM(nn.Module):
         return self.backbone.embed_tokens.weight.dtype
 
     def cast_parameters_(self, dtype: torch.dtype) -> OmniLM:
-        """Weights to `dtype`; buffers (RoPE's inverse frequencies) stay in fp32."""
+        """Weights to `dtype`; buffers (int8 weights and scales) keep theirs. RoPE has no
+        buffer: its angles are computed in fp32 at every forward."""
         with torch.no_grad():
             for p in self.parameters():
                 p.data = p.data.to(dtype)
@@ -166,7 +325,7 @@ class OmniLM(nn.Module):
             raise ValueError("quantize_int8_ needs the fp32 model")
         # The int8 head replaces the fp32 one (unless tied, its weights are then freed).
         self.lm_head = Int8Head(self.lm_head.weight, self.layout.padded_text_vocab_size)
-        for layer in cast(list[Qwen2DecoderLayer], list(self.backbone.layers)):
+        for layer in self.backbone.decoder_layers():
             for parent in (layer.self_attn, layer.mlp):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
@@ -191,50 +350,52 @@ class OmniLM(nn.Module):
             x = x + streams[:, s]
         return x / streams.shape[1]
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.backbone.config)
+    def new_cache(self) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.n_layer, cfg.n_query_groups, cfg.head_size, cfg.block_size)
 
-    def hidden(self, embeds: torch.Tensor, cache: DynamicCache, start_pos: int) -> torch.Tensor:
-        """embeds (B, T, C) at positions start_pos.. -> final-normed hidden states (B, T, C)."""
-        T = embeds.shape[1]
-        positions = torch.arange(start_pos, start_pos + T, device=embeds.device)[None]
-        out = self.backbone(inputs_embeds=embeds, past_key_values=cache, position_ids=positions, use_cache=True)
-        return out.last_hidden_state
+    @torch.inference_mode()  # caches are written in place: always as inference tensors
+    def hidden_batched(self, embeds: torch.Tensor, groups: Sequence[tuple[KVCache, int, slice]]) -> torch.Tensor:
+        """The one forward. embeds (N, T, C) stacks the rows of one or more responses; `groups`
+        gives per response (`CacheRows`) its KV cache, the position of its first new token and
+        its rows, in row order. Returns the final-normed hidden states (N, T, C).
 
-    def hidden_step_batched(
-        self, embeds: torch.Tensor, groups: Sequence[tuple[DynamicCache, int, slice]]
-    ) -> torch.Tensor:
-        """One decode position for several responses at once (continuous batching).
-
-        embeds (N, 1, C) stacks the rows of every response; `groups` gives, per response, its
-        own KV cache, its position and its rows. Every matmul runs once over all N rows; only
-        attention runs per response, against that response's cache. Returns (N, C), the
-        final-normed hidden states (the same math as `hidden`, in another grouping).
+        Every matmul runs once over all N rows; attention runs per response against its own
+        cache. Caches commit (KVCache.length) only after every layer ran: a forward that
+        raises leaves each response as it was, so it can be retried, alone or batched.
         """
-        bb = self.backbone
-        n = embeds.shape[0]
-        positions = torch.cat([torch.full((sl.stop - sl.start,), pos, dtype=torch.long) for _, pos, sl in groups]).to(
-            embeds.device
-        )[:, None]  # (N, 1)
-        cos, sin = bb.rotary_emb(embeds, positions)
+        n, t, _ = embeds.shape
+        plan: list[_Attend] = []
+        starts: list[int] = []
+        for cache, start, rows in groups:
+            if rows.start != len(starts) or rows.stop <= rows.start or rows.step not in (None, 1):
+                raise ValueError("groups must cover the rows in order, one contiguous slice each")
+            if any(a.rows.cache is cache for a in plan):
+                raise ValueError("a KV cache appears twice in one forward")
+            cache.reserve(start, start + t, embeds[rows])
+            mask = None
+            if t > 1 and start > 0:  # new positions after a cached prefix: causal, shifted by start
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=embeds.device).tril(start)
+            plan.append(_Attend(CacheRows(cache, start, rows), mask, causal=t > 1 and start == 0))
+            starts += [start] * (rows.stop - rows.start)
+        if len(starts) != n:
+            raise ValueError(f"groups cover {len(starts)} rows of {n}")
+        positions = torch.tensor(starts, device=embeds.device)[:, None] + torch.arange(t, device=embeds.device)
+        cos, sin = rope_tables(positions, self.config.head_size, self.config.rope_base, embeds.dtype)
         x = embeds
-        layers = cast(list[Qwen2DecoderLayer], list(bb.layers))
-        for layer_idx, layer in enumerate(layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            hd = attn.head_dim
-            q = attn.q_proj(h).view(n, 1, -1, hd).transpose(1, 2)  # (N, H, 1, hd)
-            k = attn.k_proj(h).view(n, 1, -1, hd).transpose(1, 2)  # (N, KV, 1, hd)
-            v = attn.v_proj(h).view(n, 1, -1, hd).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            outs = []
-            for cache, _, rows in groups:
-                keys, values = cache.update(k[rows], v[rows], layer_idx)
-                outs.append(F.scaled_dot_product_attention(q[rows], keys, values, scale=attn.scaling, enable_gqa=True))
-            o = torch.cat(outs).transpose(1, 2).reshape(n, 1, -1)  # (N, 1, H * hd)
-            x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return bb.norm(x)[:, -1]
+        for i, layer in enumerate(self.backbone.decoder_layers()):
+            x = layer(x, cos, sin, i, plan)
+        for a in plan:  # only now: a forward that raised left every cache's valid prefix alone
+            a.rows.cache.length = a.rows.start + t
+        return cast(torch.Tensor, self.backbone.norm(x))
+
+    def hidden(self, embeds: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
+        """One response: embeds (B, T, C) at positions start_pos.. -> hidden states (B, T, C)."""
+        return self.hidden_batched(embeds, [CacheRows(cache, start_pos, slice(0, embeds.shape[0]))])
+
+    def hidden_step_batched(self, embeds: torch.Tensor, groups: Sequence[tuple[KVCache, int, slice]]) -> torch.Tensor:
+        """`hidden_batched` for one position per row, returning (N, C): the current runner's call."""
+        return self.hidden_batched(embeds, groups)[:, -1]
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., 152000) logits of the text slice only."""

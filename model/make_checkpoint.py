@@ -14,13 +14,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import cast
 
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from whisper.model import ModelDimensions, Whisper
 
 from .checkpoint import LIT_MODEL, MODEL_CONFIG, TOKENIZER, omni_to_litgpt
@@ -120,7 +118,7 @@ def _shape_weights(model: OmniLM, speakable: list[int], g: torch.Generator) -> N
     E[lay.answer_t, C_ANS] = rho
     E[lay.asr, C_ANS] = rho
 
-    layers = cast(list[Qwen2DecoderLayer], list(model.backbone.layers))
+    layers = model.backbone.decoder_layers()
     # -- transformer layers: O(1) random maps that never write the reserved coordinates
     for layer in layers:
         lin: nn.Linear

@@ -162,7 +162,7 @@ class ClipImageEncoder(nn.Module):
         proj = need("visual.proj")  # (width, D)
         if grid * grid + 1 != n_pos or layers == 0 or width % 64:
             raise CheckpointError(f"{source}: not a CLIP ViT ({n_pos} positions, {layers} blocks, width {width})")
-        config = CLIPVisionConfig(
+        config = CLIPVisionConfig(  # type: ignore[call-arg]  # attn_implementation: a documented base-config kwarg
             hidden_size=width,
             intermediate_size=4 * width,
             num_hidden_layers=layers,
@@ -172,8 +172,8 @@ class ClipImageEncoder(nn.Module):
             projection_dim=int(proj.shape[1]),
             hidden_act="quick_gelu",
             layer_norm_eps=1e-5,
+            attn_implementation="eager",
         )
-        config._attn_implementation = "eager"
         enc = cls(config, int(proj.shape[1]))
         r = _fp16_round  # the weights OpenAI's loader rounds through fp16
         out = {

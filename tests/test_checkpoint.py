@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,11 @@ def test_kv_cached_steps_equal_one_full_forward(tiny_model: OmniModel) -> None:
     # Same math in another order: agreement to float32 rounding (stated tolerance 1e-4 abs).
     assert torch.allclose(full, stepped, atol=1e-4, rtol=1e-5)
     assert torch.equal(full.argmax(-1), stepped.argmax(-1))
+    # New positions after a cached prefix, several at once: a causal mask shifted by the prefix.
+    with torch.inference_mode():
+        cache = llm.new_cache()
+        chunks = [llm.hidden(llm.embed(ids[..., :5]), cache, 0), llm.hidden(llm.embed(ids[..., 5:]), cache, 5)]
+    assert torch.allclose(full, llm.full_logits(torch.cat(chunks, dim=1)), atol=1e-4, rtol=1e-5)
 
 
 def test_logit_slices_equal_the_full_head(tiny_model: OmniModel) -> None:
@@ -238,3 +244,70 @@ def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
         omni.resolve_precision("int3", "cpu")
     with pytest.raises(InputError, match="CPU mode"):
         omni.resolve_precision("int8", "cuda")
+
+
+# ---------------- transformers: public API only ----------------
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
+
+
+def _transformers_private_names() -> set[str]:
+    """Single-underscore names on transformers' config and model classes and instances
+    (`_attn_implementation`, `_no_split_modules`, ...), less those torch's nn.Module has."""
+    import transformers
+    from torch import nn
+
+    names: set[str] = set()
+    for cfg_cls, model_cls in (
+        (transformers.Qwen2Config, transformers.Qwen2Model),
+        (transformers.CLIPVisionConfig, transformers.CLIPVisionModel),
+    ):
+        cfg = cfg_cls(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        for obj in (cfg_cls, cfg, model_cls, model_cls(cfg)):
+            names.update(dir(obj))
+            names.update(vars(obj))
+    torch_names = set(dir(nn.Module)) | set(vars(nn.Module()))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")} - torch_names
+
+
+def _private_transformers_uses(source: str, private: set[str]) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "transformers":
+            if node.module != "transformers":  # internal module layout, e.g. models.qwen2.modeling_qwen2
+                found.append(f"{line}: from {node.module} import")
+            found += [f"{line}: import {a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            found += [f"{line}: import {a.name}" for a in node.names if a.name.startswith("transformers.")]
+        elif isinstance(node, ast.Attribute) and node.attr in private:
+            found.append(f"{line}: .{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2:
+                arg = node.args[1]
+                if isinstance(arg, ast.Constant) and arg.value in private:
+                    found.append(f"{line}: {node.func.id}(..., {arg.value!r})")
+    return found
+
+
+def test_model_code_uses_no_private_transformers_api() -> None:
+    private = _transformers_private_names()
+    assert {"_attn_implementation", "_no_split_modules"} <= private
+    # The check catches what it must (the lines this package used to have).
+    bad = (
+        'config._attn_implementation = "sdpa"\n'
+        "from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb\n"
+        'getattr(model, "_no_split_modules")\n'
+    )
+    assert len(_private_transformers_uses(bad, private)) == 3
+    found = {
+        path.name: uses
+        for path in sorted(MODEL_DIR.glob("*.py"))
+        if (uses := _private_transformers_uses(path.read_text(encoding="utf-8"), private))
+    }
+    assert found == {}
+    # The LLM is our own block forward: it imports nothing of transformers.
+    tree = ast.parse((MODEL_DIR / "llm.py").read_text(encoding="utf-8"))
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.split(".")[0] == "transformers"]

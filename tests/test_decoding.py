@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.config import TINY_CONFIG
-from model.decoding import Generation, SamplingConfig, sample
+from model.decoding import Generation, SamplingConfig, sample, step_batch
 from model.omni import OmniModel
 from model.prompts import Prompt, Task, build_prompt
 
@@ -36,7 +36,7 @@ class ScriptedLM:
     def new_cache(self) -> None:
         return None
 
-    def hidden(self, embeds: torch.Tensor, cache, start_pos: int) -> torch.Tensor:
+    def hidden_batched(self, embeds: torch.Tensor, groups) -> torch.Tensor:
         step = self.calls
         self.calls += 1
         rows = torch.arange(embeds.shape[0], dtype=torch.float)[:, None, None]
@@ -207,6 +207,36 @@ def test_seeded_sampling_is_reproducible(tiny_model: OmniModel, question_audio) 
     assert not torch.equal(a.audio_steps[:, : c.audio_steps.shape[1]], c.audio_steps[:, : a.audio_steps.shape[1]])
 
 
+def _sampled(model: OmniModel, prompt: Prompt, sampling: SamplingConfig) -> tuple[Generation, list[int]]:
+    g = model.start(prompt, sampling, max_new_tokens=40, stop_rules=False)
+    r = g.run()
+    return g, [*r.audio_steps.flatten().tolist(), *r.text_steps]
+
+
+def test_unseeded_sampling_draws_fresh_randomness(tiny_model: OmniModel, question_audio) -> None:
+    # A flat distribution (temperature 2, every id) over 40 steps x 8 tokens: two independent
+    # runs agree on all 320 draws with a probability far below 1e-100.
+    prompt = tiny_model.prompt(Task.A1A2_SINGLE, audio=question_audio)
+    cfg = SamplingConfig(temperature=2.0, top_k=None)
+    g1, a = _sampled(tiny_model, prompt, cfg)
+    g2, b = _sampled(tiny_model, prompt, cfg)
+    assert a != b and g1.seed != g2.seed
+    assert g1.generator is not None and g1.generator.device == tiny_model.llm.device
+    # The seed an unseeded run drew replays it exactly.
+    _, again = _sampled(tiny_model, prompt, SamplingConfig(temperature=2.0, top_k=None, seed=g1.seed))
+    assert again == a
+    # Greedy needs no generator at all.
+    assert tiny_model.start(prompt).generator is None
+
+
+def test_same_seed_same_tokens(tiny_model: OmniModel, question_audio) -> None:
+    prompt = tiny_model.prompt(Task.A1A2, audio=question_audio)
+    cfg = SamplingConfig(temperature=2.0, top_k=None, seed=1234)
+    g1, a = _sampled(tiny_model, prompt, cfg)
+    g2, b = _sampled(tiny_model, prompt, cfg)
+    assert a == b and g1.seed == g2.seed == 1234
+
+
 def test_prompt_too_long_for_the_window(tiny_model: OmniModel) -> None:
     feats = torch.zeros(2046, 64)
     with pytest.raises(ValueError, match="does not fit"):
@@ -223,7 +253,6 @@ def test_specials_in_frames_never_reach_snac(tiny_model: OmniModel) -> None:
 def test_bfloat16_runs_every_audio_task(tiny_ckpt, question_audio) -> None:
     model = OmniModel.load(tiny_ckpt, dtype="bfloat16")
     assert model.llm.dtype == torch.bfloat16
-    assert model.llm.backbone.rotary_emb.inv_freq.dtype == torch.float32  # RoPE stays fp32
     r, _ = _run(model, Task.A1A2, question_audio)
     assert r.stop in ("eoa", "budget") and r.num_steps > 1
 
@@ -321,3 +350,155 @@ def test_batched_hidden_states_match_the_model(tiny_model: OmniModel) -> None:
             llm.embed(ids[:, :, 5:]), [(caches[0], 5, slice(0, 2)), (caches[1], 5, slice(2, 3))]
         )
     assert torch.allclose(h, ref, atol=1e-4)
+
+
+def test_step_batch_equals_separate_decoding(tiny_model: OmniModel, question_audio) -> None:
+    """Prefills and decode steps of several responses through step_batch: one forward per step
+    length, the tokens of each response run alone (greedy and seeded sampling)."""
+    cfgs = [None, SamplingConfig(temperature=1.0, top_k=50, seed=3), None, None]
+    prompts = [
+        tiny_model.prompt(Task.A1A2, audio=question_audio),
+        tiny_model.prompt(Task.A1A2_SINGLE, audio=question_audio),
+        tiny_model.prompt(Task.T1A2, text="Hello there, how are you?"),
+        tiny_model.prompt(Task.T1T2, text="Hello there, how are you?"),  # the same length as T1A2
+    ]
+    assert prompts[2].length == prompts[3].length  # their prefills share one forward
+    alone = [tiny_model.start(p, c, max_new_tokens=30).run() for p, c in zip(prompts, cfgs, strict=True)]
+    gens = [tiny_model.start(p, c, max_new_tokens=30) for p, c in zip(prompts, cfgs, strict=True)]
+    while not all(g.done for g in gens):
+        step_batch(gens)
+    for a, g in zip(alone, gens, strict=True):
+        b = g.result()
+        assert a.stop == b.stop and a.text_steps == b.text_steps and torch.equal(a.audio_steps, b.audio_steps)
+    with pytest.raises(ValueError, match="twice"):
+        step_batch([gens[0], gens[0]])
+
+
+class _Trigger:
+    """Raises once, on the (skip + 1)-th call after `arm(skip)`."""
+
+    def __init__(self) -> None:
+        self.left: int | None = None
+        self.fired = 0
+
+    def arm(self, skip: int) -> None:
+        self.left = skip
+
+    def __call__(self) -> None:
+        if self.left is None:
+            return
+        if self.left == 0:
+            self.left = None
+            self.fired += 1
+            raise RuntimeError("injected failure")
+        self.left -= 1
+
+
+def _snapshot(g: Generation) -> tuple:
+    rng = g.generator.get_state() if g.generator is not None else None
+    return g.steps_done, g.cache.length, list(g.text_steps), len(g.audio_steps), g.text_ended, g.stop, rng
+
+
+@pytest.mark.parametrize("where", ["forward", "sampling"])
+def test_failed_batched_step_retried_alone_gives_uninterrupted_tokens(
+    tiny_model: OmniModel, question_audio, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A batched step that raises mid-forward (in the last layer's MLP, after every layer wrote
+    its KV) or mid-sampling (the third response's head, after the second one drew from its
+    generator) changes no response; retrying each alone, then batching on, gives the tokens
+    of an uninterrupted run."""
+    llm = tiny_model.llm
+    trigger = _Trigger()
+    if where == "forward":
+        mlp = llm.backbone.decoder_layers()[-1].mlp
+        mlp_forward = mlp.forward
+        monkeypatch.setattr(mlp, "forward", lambda x: (trigger(), mlp_forward(x))[1])
+    else:
+        audio_logits = llm.audio_logits
+        monkeypatch.setattr(llm, "audio_logits", lambda h: (trigger(), audio_logits(h))[1])
+    cfgs = [
+        None,
+        SamplingConfig(temperature=1.0, top_k=50, seed=5),
+        SamplingConfig(temperature=0.8, top_k=None, seed=9),
+    ]
+    prompts = [
+        tiny_model.prompt(Task.A1A2, audio=question_audio),
+        tiny_model.prompt(Task.A1A2_SINGLE, audio=question_audio),
+        tiny_model.prompt(Task.T1A2, text="What is your name?"),
+    ]
+    runs = list(zip(prompts, cfgs, strict=True))
+    ref = [tiny_model.start(p, c, max_new_tokens=24, stop_rules=False).run() for p, c in runs]
+    gens = [tiny_model.start(p, c, max_new_tokens=24, stop_rules=False) for p, c in runs]
+    for g in gens:
+        g.step()  # prefills
+    for step in range(1, 24):
+        if step in (3, 10):
+            before = [_snapshot(g) for g in gens]
+            trigger.arm(0 if where == "forward" else 2)
+            with pytest.raises(RuntimeError, match="injected"):
+                step_batch(gens)
+            for g, b in zip(gens, before, strict=True):
+                now = _snapshot(g)
+                assert now[0] == b[0] and now[2:6] == b[2:6]  # the Generation as before
+                # A failed forward commits no cache; after a completed forward the cache holds
+                # the step's keys (the retry rewrites them in place at the same position).
+                assert now[1] == (b[1] if where == "forward" else b[1] + 1)
+                assert (now[6] is None) == (b[6] is None) and (now[6] is None or torch.equal(now[6], b[6]))
+            for g in gens:  # the runner's fallback: each response alone
+                g.step()
+        else:
+            step_batch(gens)
+    assert trigger.fired == 2
+    for a, g in zip(ref, gens, strict=True):
+        b = g.result()
+        assert a.stop == b.stop == "budget"
+        assert a.text_steps == b.text_steps and torch.equal(a.audio_steps, b.audio_steps)
+
+
+def test_begin_step_changes_nothing(tiny_model: OmniModel) -> None:
+    g = tiny_model.start(tiny_model.prompt(Task.T1A2, text="Hi there"), max_new_tokens=3)
+    for _ in range(3):
+        a, b = g.begin_step(), g.begin_step()
+        assert a is not None and b is not None and a[1] == b[1] and torch.equal(a[0], b[0])
+        g.step()
+    assert g.stop == "budget" and g.begin_step() is None and g.step() is None
+
+
+def test_kv_cache_writes_are_positional_and_commit_on_success(tiny_model: OmniModel) -> None:
+    llm = tiny_model.llm
+    ids = torch.randint(0, llm.config.padded_vocab_size, (1, 8, 12), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        emb = llm.embed(ids)
+        cache = llm.new_cache()
+        llm.hidden(emb[:, :10], cache, 0)
+        assert cache.length == 10
+        with pytest.raises(ValueError, match="only 10 positions"):
+            llm.hidden(emb[:, 11:12], cache, 11)  # a hole
+        h1 = llm.hidden(emb[:, 10:11], cache, 10)
+        h1_again = llm.hidden(emb[:, 10:11], cache, 10)  # redone at the same place: same result
+        assert torch.equal(h1, h1_again) and cache.length == 11
+        # a later position after a rewind overwrites instead of appending
+        llm.hidden(emb[:, 11:12], cache, 9)
+        assert cache.length == 10
+        # growth keeps the valid prefix
+        cache.GROW = 4
+        big = llm.new_cache()
+        big.GROW = 4
+        parts = [llm.hidden(emb[:, :3], big, 0)] + [llm.hidden(emb[:, t : t + 1], big, t) for t in range(3, 12)]
+        assert big.capacity >= 12
+        full = llm.hidden(emb, llm.new_cache(), 0)
+        assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampling_and_batched_decode(tiny_ckpt, question_audio) -> None:
+    model = OmniModel.load(tiny_ckpt, device="cuda", with_whisper=False, with_snac=False)
+    feats = torch.randn(40, model.config.whisper_adapter_dim, generator=torch.Generator().manual_seed(0))
+    prompts = [build_prompt(t, model.layout, audio_features=feats) for t in (Task.A1A2, Task.A1A2_SINGLE)]
+    cfg = SamplingConfig(temperature=1.0, top_k=None, seed=11)
+    gens = [model.start(p, cfg, max_new_tokens=16, stop_rules=False) for p in prompts]
+    assert all(g.generator is not None and g.generator.device.type == "cuda" for g in gens)
+    while not all(g.done for g in gens):
+        step_batch(gens)
+    again = model.start(prompts[0], cfg, max_new_tokens=16, stop_rules=False).run()
+    assert gens[0].result().text_steps == again.text_steps

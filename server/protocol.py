@@ -67,15 +67,32 @@ MAX_JSON_DEPTH = 32  # levels of objects/arrays in a tool (itself and its JSON-s
 MAX_JSON_STRING_CHARS = 16 * 1024  # any string inside a tool or tool_choice (descriptions, schema text)
 MAX_MS = 24 * 3600 * 1000  # audio_end_ms, played_ms: a day of audio
 MAX_OUTPUT_TOKENS = 4096
+# Parsing cost grows with the number of JSON values, not bytes: 14 MiB of small arrays holds the
+# event loop for seconds. Only audio and images make legitimate events this large, and they are
+# a handful of values, so a frame over BIG_FRAME_CHARS may hold at most MAX_BIG_FRAME_VALUES
+# values (counted, before parsing, as its commas and opening brackets, inside strings too).
+BIG_FRAME_CHARS = 1024 * 1024
+MAX_BIG_FRAME_VALUES = 100_000
 
 
 class ProtocolError(Exception):
-    def __init__(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
+    """An `error` event to send. `error_type` is OpenAI's: "invalid_request_error" for what the
+    client sent, "server_error" for a failure of ours while handling it."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        event_id: str | None = None,
+        error_type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.event_id = event_id
+        self.error_type = error_type
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -568,6 +585,17 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
             return _OutOfRange(s)
         return x
 
+    if len(text) > BIG_FRAME_CHARS:
+        if isinstance(text, str):
+            values = text.count(",") + text.count("[") + text.count("{")
+        else:
+            values = text.count(b",") + text.count(b"[") + text.count(b"{")
+        if values > MAX_BIG_FRAME_VALUES:
+            raise ProtocolError(
+                "invalid_event",
+                f"a message over {BIG_FRAME_CHARS} characters may hold at most {MAX_BIG_FRAME_VALUES} JSON values "
+                "(only audio and images make events this large)",
+            )
     try:
         raw = json.loads(text, parse_constant=_no_constant, parse_int=parse_int, parse_float=parse_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -651,7 +679,7 @@ def error_event(err: ProtocolError, event_id: str) -> dict[str, Any]:
         "type": "error",
         "event_id": event_id,
         "error": {
-            "type": "invalid_request_error",
+            "type": err.error_type,
             "code": err.code,
             "message": err.message,
             "param": err.param,

@@ -29,6 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from server.protocol import (
+    BIG_FRAME_CHARS,
     MAX_AUDIO_CHARS,
     MAX_CONTENT_PARTS,
     MAX_EVENT_ID_CHARS,
@@ -366,6 +367,8 @@ def make_event(rng: random.Random, eid: str) -> Sent:
             {"type": "input_audio_buffer.append", "event_id": eid, "audio": huge + "!"},
             {"type": "conversation.item.retrieve", "event_id": eid, "item_id": huge},
         ])  # fmt: skip
+        if rng.random() < 0.3:  # a big frame of many small values: refused before it is parsed
+            return Sent(json.dumps({**event, "x": [[0]] * (BIG_FRAME_CHARS // 4)}), "anon", None, "big structure")
         return _tracked(event, eid, "huge string")
     # valid events that change nothing that matters
     event = rng.choice([

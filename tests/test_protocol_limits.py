@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from server.protocol import (
+    BIG_FRAME_CHARS,
     MAX_AUDIO_CHARS,
+    MAX_BIG_FRAME_VALUES,
     MAX_CONTENT_PARTS,
     MAX_EVENT_ID_CHARS,
     MAX_ID_CHARS,
@@ -32,6 +34,7 @@ from server.protocol import (
     Playback,
     ProtocolError,
     SessionUpdate,
+    error_event,
     parse_client_event,
 )
 
@@ -272,3 +275,25 @@ def test_params_name_the_json_path_without_union_tags() -> None:
     assert err.param == "response.input.0.content.0.audio"
     err = _error(_session(max_output_tokens=0))
     assert err.param == "session.max_output_tokens"
+
+
+def test_error_events_have_openais_shape() -> None:
+    from .openai_events import check_server_event
+
+    err = _error({"type": "omnivox.playback", "event_id": "ev", "item_id": "x", "played_ms": -1})
+    event = error_event(err, "event_1")
+    check_server_event(event, extensions=False)
+    assert event["error"] == {"type": "invalid_request_error", "code": "invalid_event", "message": err.message,
+                              "param": "played_ms", "event_id": "ev"}  # fmt: skip
+    internal = error_event(ProtocolError("server_error", "internal error", error_type="server_error"), "event_2")
+    check_server_event(internal, extensions=False)
+    assert internal["error"]["type"] == "server_error"
+
+
+def test_a_big_frame_may_hold_only_a_few_values() -> None:
+    junk = json.dumps({"type": "input_audio_buffer.commit", "event_id": "ev", "x": [[1]] * (BIG_FRAME_CHARS // 4)})
+    err = _error(junk)
+    assert err.code == "invalid_event" and str(MAX_BIG_FRAME_VALUES) in err.message
+    # Below the size it parses (the values are ignored), and big audio is a handful of values.
+    parse_client_event(json.dumps({"type": "input_audio_buffer.commit", "x": [[1]] * (BIG_FRAME_CHARS // 8)}))
+    parse_client_event(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (4 * BIG_FRAME_CHARS)}))

@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from streaming.config import IDLE_TIMEOUT_MS_RANGE, PREFIX_PADDING_MS_RANGE, SILENCE_DURATION_MS_RANGE, TurnDetection
 from streaming.detector import normalize
 
 # ---------------- limits (README, "Limits") ----------------
@@ -270,10 +271,12 @@ class AudioFormat(_Model):
 
 class ServerVadIn(_Model):
     type: Literal["server_vad"]
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    prefix_padding_ms: Int = Field(300, ge=0, le=5000)
-    silence_duration_ms: Int = Field(500, ge=32, le=10000)
-    idle_timeout_ms: Int | None = Field(None, ge=5000, le=30000)
+    threshold: float = Field(TurnDetection.threshold, gt=0.0, lt=1.0)
+    prefix_padding_ms: Int = Field(TurnDetection.prefix_padding_ms, ge=PREFIX_PADDING_MS_RANGE[0],
+                                   le=PREFIX_PADDING_MS_RANGE[1])  # fmt: skip
+    silence_duration_ms: Int = Field(TurnDetection.silence_duration_ms, ge=SILENCE_DURATION_MS_RANGE[0],
+                                     le=SILENCE_DURATION_MS_RANGE[1])  # fmt: skip
+    idle_timeout_ms: Int | None = Field(None, ge=IDLE_TIMEOUT_MS_RANGE[0], le=IDLE_TIMEOUT_MS_RANGE[1])
     create_response: bool = True
     interrupt_response: bool = True
 

@@ -209,10 +209,15 @@ class Connection:
                 return
             if message["type"] == "websocket.disconnect":
                 return
-            if message.get("bytes") is not None:
-                await self._on_binary(message["bytes"])
-            elif message.get("text") is not None:
-                await self._on_text(message["text"])
+            try:
+                if message.get("bytes") is not None:
+                    await self._on_binary(message["bytes"])
+                elif message.get("text") is not None:
+                    await self._on_text(message["text"])
+            except Exception:  # ours, not the client's: the event fails, the session lives
+                log.exception("session %s: handling a client frame failed", self.session_id)
+                self._send(error_event(ProtocolError("server_error", SERVER_ERROR_MESSAGE, error_type="server_error"),
+                                       self._new_event_id()))  # fmt: skip
             self._flush()
 
     async def _sender(self) -> None:
@@ -311,7 +316,8 @@ class Connection:
             await asyncio.wait_for(self.ws.close(code=1008, reason="the client is not reading"), self._send_timeout_s)
 
     def _error(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
-        self._send(error_event(ProtocolError(code, message, param, event_id), self._new_event_id()))
+        kind = "server_error" if code == "server_error" else "invalid_request_error"  # whose fault, as OpenAI
+        self._send(error_event(ProtocolError(code, message, param, event_id, error_type=kind), self._new_event_id()))
 
     def session_view(self) -> dict[str, Any]:
         cfg = self.session.config
@@ -596,9 +602,6 @@ class Connection:
         except ProtocolError as e:  # the client's mistake: one line, no traceback
             log.warning("session %s: %s (%s)", self.session_id, e.message, e.code)
             self._send(error_event(e, self._new_event_id()))
-        except Exception:  # ours: the event fails, the session lives
-            log.exception("session %s: handling a client event failed", self.session_id)
-            self._error("server_error", SERVER_ERROR_MESSAGE)
 
     async def _dispatch(self, ev: ClientEvent) -> None:
         s = self.session
@@ -606,7 +609,12 @@ class Connection:
         if not isinstance(ev, AudioAppend):
             self._feed_waiting()  # the conversation as it stands (e.g. a response that just ended) comes first
         if isinstance(ev, AudioAppend):
-            await self._append(decode_audio(ev.audio, ev.event_id, even=s.config.input_format == "audio/pcm"))
+            even = s.config.input_format == "audio/pcm"
+            if len(ev.audio) > 1024 * 1024:  # base64 of a big append: decoded off the loop
+                pcm = await asyncio.to_thread(decode_audio, ev.audio, ev.event_id, even=even)
+            else:
+                pcm = decode_audio(ev.audio, ev.event_id, even=even)
+            await self._append(pcm)
         elif isinstance(ev, SessionUpdate):
             self._update(ev)
         elif isinstance(ev, AudioCommit):
@@ -647,8 +655,6 @@ class Connection:
         sess = ev.session
         echo = dict(self._echo)
         output_format = self.output_format
-        if "omnivox" in sess.model_fields_set:
-            self.extensions = True
         if sess.output_modalities is not None:
             new["output_modalities"] = tuple(sess.output_modalities)
         for name in ("tools", "tool_choice", "max_output_tokens"):
@@ -696,6 +702,8 @@ class Connection:
         except ValueError as e:
             raise ProtocolError("invalid_event", str(e), "session", ev.event_id) from None
         # Accepted as a whole: nothing above changes the session before the update is known valid.
+        if "omnivox" in sess.model_fields_set:
+            self.extensions = True
         if sess.instructions is not None:
             self.instructions = sess.instructions  # Mini-Omni has no system prompt: kept and reported only
         if sess.omnivox is not None and sess.omnivox.binary_audio is not None:

@@ -15,6 +15,11 @@ G711_RATE = 8000
 
 # semantic_vad: how long an utterance the end-of-turn model calls incomplete may pause (OpenAI's limits).
 EAGERNESS_MAX_WAIT_MS = {"low": 8000, "medium": 4000, "high": 2000, "auto": 4000}
+# server_vad parameter ranges (inclusive), the one place they are written: the protocol's
+# validation reads them too.
+PREFIX_PADDING_MS_RANGE = (0, 5000)
+SILENCE_DURATION_MS_RANGE = (32, 10000)
+IDLE_TIMEOUT_MS_RANGE = (5000, 30000)
 
 
 @dataclass(frozen=True)
@@ -49,14 +54,17 @@ class TurnDetection:
             raise ValueError(f"turn detection type must be server_vad or semantic_vad, got {self.type!r}")
         if self.eagerness not in EAGERNESS_MAX_WAIT_MS:
             raise ValueError(f"eagerness must be one of {', '.join(EAGERNESS_MAX_WAIT_MS)}, got {self.eagerness!r}")
-        if self.idle_timeout_ms is not None and not 5000 <= self.idle_timeout_ms <= 30000:
-            raise ValueError(f"idle_timeout_ms must be in [5000, 30000], got {self.idle_timeout_ms}")
+        if self.idle_timeout_ms is not None:
+            _check_range("idle_timeout_ms", self.idle_timeout_ms, IDLE_TIMEOUT_MS_RANGE)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if not 0 <= self.prefix_padding_ms <= 5000:
-            raise ValueError(f"prefix_padding_ms must be in [0, 5000], got {self.prefix_padding_ms}")
-        if not 32 <= self.silence_duration_ms <= 10000:
-            raise ValueError(f"silence_duration_ms must be in [32, 10000], got {self.silence_duration_ms}")
+        _check_range("prefix_padding_ms", self.prefix_padding_ms, PREFIX_PADDING_MS_RANGE)
+        _check_range("silence_duration_ms", self.silence_duration_ms, SILENCE_DURATION_MS_RANGE)
+
+
+def _check_range(name: str, value: int, bounds: tuple[int, int]) -> None:
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name} must be in [{bounds[0]}, {bounds[1]}], got {value}")
 
 
 class InterruptMode(str, Enum):

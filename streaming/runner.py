@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from model.codec import SAMPLES_PER_FRAME, SNAC_SAMPLE_RATE, to_pcm16
-from model.decoding import Generation, SamplingConfig, StepOutput
+from model.decoding import Generation, SamplingConfig, StepOutput, step_batch
 from model.errors import InputError
 from model.omni import OmniModel
 from model.prompts import Prompt, Task
@@ -331,60 +331,46 @@ class ModelRunner:
 
     def _round(self, now: float) -> bool:
         """One step of every response that may step: prefills alone (their lengths differ),
-        then all decode steps together in one batched forward."""
-        decode: list[tuple[_Job, torch.Tensor, int]] = []
-        progressed = False
+        then all decode steps together in one batched forward (`model.decoding.step_batch`)."""
+        decode: list[_Job] = []
+        prefilled = False
         for job in list(self._active):
             if not self._may_step(job, now):
                 continue
             gen = job.gen
             assert gen is not None
-            progressed = True
+            if not gen.in_prefill:
+                decode.append(job)
+                continue
+            prefilled = True
+            t0 = time.perf_counter()
             try:
-                nxt = gen.begin_step()
-                if nxt is None:
-                    self._end(job)
-                elif gen.in_prefill:
-                    t0 = time.perf_counter()
-                    out = gen.step()
-                    self._after_step(job, out, t0, time.perf_counter())
-                else:
-                    decode.append((job, nxt[0], nxt[1]))
+                out = gen.step()
             except Exception:
                 self._fail(job, "prefill")
+                continue
+            self._after_step(job, out, t0, time.perf_counter())
         if decode:
             self._decode_batch(decode)
-        return progressed
+        return prefilled or bool(decode)
 
-    def _decode_batch(self, batch: list[tuple[_Job, torch.Tensor, int]]) -> None:
+    def _decode_batch(self, batch: list[_Job]) -> None:
         t0 = time.perf_counter()
         try:
-            outs = self._forward(batch)
+            outs = step_batch([job.gen for job in batch if job.gen is not None])
         except Exception:
             if len(batch) == 1:
-                self._fail(batch[0][0], "decode step")
+                self._fail(batch[0], "decode step")
                 return
+            # A failed step keeps nothing (step_batch is all or nothing): each response retries
+            # alone, so one bad row fails only itself.
             log.exception("batched decode step of %d responses failed; retrying each alone", len(batch))
-            for entry in batch:
-                self._decode_batch([entry])
+            for job in batch:
+                self._decode_batch([job])
             return
         t1 = time.perf_counter()
-        for (job, _, _), out in zip(batch, outs, strict=True):
+        for job, out in zip(batch, outs, strict=True):
             self._after_step(job, out, t0, t1)
-
-    def _forward(self, batch: list[tuple[_Job, torch.Tensor, int]]) -> list[StepOutput | None]:
-        groups, row = [], 0
-        for job, embeds, pos in batch:
-            assert job.gen is not None
-            groups.append((job.gen.cache, pos, slice(row, row + embeds.shape[0])))
-            row += embeds.shape[0]
-        with torch.inference_mode():
-            hidden = self.model.llm.hidden_step_batched(torch.cat([e for _, e, _ in batch]), groups)
-        outs = []
-        for (job, _, _), (_, _, rows) in zip(batch, groups, strict=True):
-            assert job.gen is not None
-            outs.append(job.gen.finish_step(hidden[rows]))
-        return outs
 
     def _fail(self, job: _Job, stage: str) -> None:
         log.exception("response %s failed in its %s", job.response_id, stage)

@@ -165,14 +165,14 @@ def _install_fault(stage: str, model: Any, monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(model, "start", start)
     if stage == "step":
-        real_batched = model.llm.hidden_step_batched
+        real_forward = model.llm.hidden_batched
 
-        def batched(embeds, groups):  # type: ignore[no-untyped-def]
-            if any(id(cache) in poisoned for cache, _, _ in groups):
+        def forward(embeds, groups):  # type: ignore[no-untyped-def]
+            if embeds.shape[1] == 1 and any(id(g.cache) in poisoned for g in groups):  # decode steps only
                 raise RuntimeError("secret internals of a decode step")
-            return real_batched(embeds, groups)
+            return real_forward(embeds, groups)
 
-        monkeypatch.setattr(model.llm, "hidden_step_batched", batched)
+        monkeypatch.setattr(model.llm, "hidden_batched", forward)
     elif stage == "snac":
         import streaming.runner as runner_module
 
@@ -232,16 +232,16 @@ def test_a_batched_step_that_fails_once_is_retried_row_by_row(
     runner = ModelRunner(tiny_model).start()
     try:
         expected = [answer(runner, t) for t in ("What is your name?", "Tell me a joke.")]
-        real_batched = tiny_model.llm.hidden_step_batched
+        real_forward = tiny_model.llm.hidden_batched
         failures = []
 
         def flaky(embeds, groups):  # type: ignore[no-untyped-def]
             if len(groups) > 1 and len(failures) < 3:
                 failures.append(len(groups))
                 raise RuntimeError("transient")
-            return real_batched(embeds, groups)
+            return real_forward(embeds, groups)
 
-        monkeypatch.setattr(tiny_model.llm, "hidden_step_batched", flaky)
+        monkeypatch.setattr(tiny_model.llm, "hidden_batched", flaky)
         sessions = [LocalSession(runner, vad, None, SessionConfig(max_audio_lead_ms=1e6, max_new_tokens=40))
                     for _ in range(2)]  # fmt: skip
         for s, t in zip(sessions, ("What is your name?", "Tell me a joke."), strict=True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import copy
 import json
 import os
@@ -515,7 +516,11 @@ def _speech() -> list[str]:
     return [base64.b64encode(pcm[i : i + step]).decode() for i in range(0, len(pcm), step)]
 
 
-def test_fuzz_four_sessions(server: Running) -> None:
+def test_fuzz_four_sessions(server: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    def print(*args: object) -> None:  # the counts show in CI's log, not only on failure
+        with capsys.disabled():
+            builtins.print(*args, flush=True)
+
     print(f"\nfuzz seed {SEED} (rerun with OMNIVOX_FUZZ_SEED={SEED})")
     speech = _speech()
     url = f"ws://127.0.0.1:{server.port}/v1/realtime"

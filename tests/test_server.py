@@ -352,6 +352,12 @@ def test_oversize_frame_closes_with_1009(tiny_ckpt: Path) -> None:
 
 
 def test_disconnect_mid_response_frees_the_runner(server: Running) -> None:
+    registry = server.engine.metrics.registry
+
+    def cancelled() -> float:
+        return registry.get_sample_value("omnivox_responses_total", {"status": "cancelled"}) or 0.0
+
+    before = cancelled()
     c = open_client(server)
     c.update(omnivox={"max_audio_lead_ms": 100000})
     c.send(text_item("Hi"))
@@ -362,6 +368,7 @@ def test_disconnect_mid_response_frees_the_runner(server: Running) -> None:
     while (server.engine.runner.active_count or server.engine.connections) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.engine.runner.active_count == 0 and not server.engine.connections
+    assert cancelled() == before + 1  # counted in omnivox_responses_total too
 
 
 def test_health_ready_metrics(server: Running) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hmac
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket
@@ -73,6 +75,24 @@ class Engine:
         self.runner.close()
         if self.recognizer is not None:
             self.recognizer.close()
+
+
+def _libc_malloc_trim() -> Callable[[], None] | None:
+    """glibc's malloc_trim, where there is one: memory freed by a closed session (numpy and
+    torch buffers from many threads) goes back to the OS instead of staying in malloc's arenas."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+    def release() -> None:
+        trim(0)
+
+    return release
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
 
 
 def _load_turn_model() -> SmartTurn | None:
@@ -142,6 +162,8 @@ def create_app(engine: Engine) -> FastAPI:
             with contextlib.suppress(Exception):  # bounded: a client that reads nothing takes no close frame
                 await asyncio.wait_for(ws.close(), settings.send_timeout_s)
             log.info("session %s closed", session_id)
+            if _MALLOC_TRIM is not None:
+                await asyncio.to_thread(_MALLOC_TRIM)
 
     web_dir = settings.web_dir or Path(__file__).resolve().parent.parent / "clients" / "web"
     if (web_dir / "index.html").is_file():

@@ -547,17 +547,26 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(v[min(len(v) - 1, int(q * len(v)))], 1)
 
 
-def rss_growth(series: list[dict[str, Any]], duration_s: float) -> dict[str, Any]:
-    """RSS growth from the end of the warm-up (first 20% of the run) to the last sample of the run."""
+def rss_growth(series: list[dict[str, Any]], duration_s: float, window_s: float = 60.0) -> dict[str, Any]:
+    """RSS growth after the warm-up (first 20% of the run): the median of the samples in the
+    window that follows the warm-up against the median of the run's last window. Single
+    samples swing by tens of MB with the audio in flight at that instant; medians do not."""
     run = [s for s in series if s["rss_mb"] is not None]
-    after_warmup = [s for s in run if s["t_s"] >= WARMUP_SHARE * duration_s]
+    start = WARMUP_SHARE * duration_s
+    after_warmup = [s for s in run if s["t_s"] >= start]
     if len(after_warmup) < 2:
         return {"warmup_mb": None, "final_mb": None, "growth_pct": None, "peak_mb": None}
-    base, final = after_warmup[0]["rss_mb"], after_warmup[-1]["rss_mb"]
+    end = after_warmup[-1]["t_s"]
+    window = min(window_s, (end - start) / 2)
+    base = statistics.median(s["rss_mb"] for s in after_warmup if s["t_s"] <= start + window)
+    final = statistics.median(s["rss_mb"] for s in after_warmup if s["t_s"] >= end - window)
     return {
-        "warmup_mb": base,
-        "final_mb": final,
+        "warmup_mb": round(base, 1),
+        "final_mb": round(final, 1),
         "growth_pct": round((final - base) / base * 100, 2),
+        "window_s": round(window, 1),
+        "first_sample_mb": after_warmup[0]["rss_mb"],
+        "last_sample_mb": after_warmup[-1]["rss_mb"],
         "peak_mb": max(s["rss_mb"] for s in run),
     }
 
@@ -724,7 +733,8 @@ def print_soak(r: dict[str, Any]) -> None:
         f"  bad frames {bad['sent']} sent, {bad['answered']} answered, {len(bad['mismatched'])} with another code",
         f"  errors by code {r['errors_by_code']} (unprovoked {r['unprovoked_errors_by_code']})",
         f"  unexpected closes {r['unexpected_closes']}, timeouts {r['timeouts']}, stuck sessions {r['stuck_sessions']}",
-        f"  rss ({r['rss_source']}): after warm-up {rss['warmup_mb']} MB, end {rss['final_mb']} MB, "
+        f"  rss ({r['rss_source']}): median after warm-up {rss['warmup_mb']} MB, median at the end "
+        f"{rss['final_mb']} MB, "
         f"growth {rss['growth_pct']}%, peak {rss['peak_mb']} MB",
         "  OK" if r["ok"] else "  FAILED: " + "; ".join(r["failures"]),
     ]

@@ -133,10 +133,6 @@ class RecognizerWorker:
             _call(evicted.callback, None)
         return True
 
-    @property
-    def pending(self) -> int:
-        return len(self._jobs)
-
     def _run(self) -> None:
         while True:
             with self._cond:

@@ -635,8 +635,5 @@ class ResponseStream:
                 return None
         return self.done
 
-    def playing(self, started_at: float) -> None:
-        self.runner.playback(self.key, started_at)
-
     def cancel(self, reason: str = "client_cancelled") -> None:
         self.runner.cancel(self.key, reason)

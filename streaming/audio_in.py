@@ -58,23 +58,37 @@ class InputResampler:
 
 
 class AudioHistory:
-    """The last `keep_samples` of 16 kHz input, addressable by absolute sample index."""
+    """At least the last `keep_samples` of 16 kHz input (at most 1.25x), addressable by absolute
+    sample index.
+
+    One buffer, allocated once, written in place: appending a 20 ms chunk copies the chunk,
+    not the 40 s kept (re-allocating megabytes per chunk cost time and left the allocator's
+    heap fragmented under load). When the buffer is full, the kept tail moves to its front."""
 
     def __init__(self, keep_samples: int) -> None:
         self.keep = keep_samples
-        self._buf = np.zeros(0, np.float32)
+        self._buf = np.zeros(keep_samples + max(keep_samples // 4, 1), np.float32)
+        self._fill = 0  # valid samples in _buf
         self.start = 0  # absolute index of _buf[0]
 
     @property
     def end(self) -> int:
-        return self.start + self._buf.size
+        return self.start + self._fill
 
     def append(self, audio: np.ndarray) -> None:
-        self._buf = np.concatenate([self._buf, audio])
-        extra = self._buf.size - self.keep
-        if extra > 0:
-            self._buf = self._buf[extra:]
-            self.start += extra
+        n = audio.size
+        if n >= self.keep:  # all that is kept comes from this chunk
+            self.start += self._fill + n - self.keep
+            self._buf[: self.keep] = audio[n - self.keep :]
+            self._fill = self.keep
+            return
+        if self._fill + n > self._buf.size:
+            drop = self._fill + n - self.keep
+            self._buf[: self._fill - drop] = self._buf[drop : self._fill]
+            self._fill -= drop
+            self.start += drop
+        self._buf[self._fill : self._fill + n] = audio
+        self._fill += n
 
     def slice(self, begin: int, end: int) -> np.ndarray:
         begin, end = max(begin, self.start), min(end, self.end)

@@ -85,6 +85,10 @@ class SessionConfig:
     interrupt_mode: InterruptMode = InterruptMode.COMMAND
     interrupt_phrases: tuple[str, ...] = DEFAULT_INTERRUPT_PHRASES
     vad_interrupt_min_ms: int = 250  # vad mode: speech this long interrupts
+    # command/none modes: speech during an answer no longer than this that is not a command is a
+    # backchannel ("yeah": 416 ms of speech), ignored; longer speech, or speech that goes on past
+    # the answer's audio, becomes the next user turn (questions run 1 s and more).
+    backchannel_max_ms: int = 700
     chunk_frames: int = 1  # SNAC frames in the first audio chunk (1 frame = 85.33 ms): fast first audio
     max_chunk_frames: int = 4  # later chunks double up to this: 4x fewer SNAC windows per second
     left_context_frames: int = 3  # SNAC decode context; 3 + 3 decodes exactly
@@ -118,6 +122,8 @@ class SessionConfig:
             0 <= self.first_chunk_lookahead_frames <= self.lookahead_frames
         ):
             raise ValueError(f"first_chunk_lookahead_frames must be in [0, {self.lookahead_frames}]")
+        if self.backchannel_max_ms < 0:
+            raise ValueError("backchannel_max_ms must be >= 0")
         if not all(p.strip() for p in self.interrupt_phrases):
             raise ValueError("interrupt phrases must be non-empty")
 

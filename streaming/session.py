@@ -88,6 +88,19 @@ class _Barge:
 
 
 @dataclass
+class _Held:
+    """Speech heard during an answer, longer than a backchannel and not a command: the next
+    user turn, committed once the answer's audio is over."""
+
+    item_id: str
+    start: int  # absolute 16 kHz sample of its first speech
+    end: int
+    audio: np.ndarray  # kept here: a long answer outlasts the audio history
+    segment: int  # the barge-in segment whose final command verdict it waits for
+    ready: bool = False  # that verdict came back: not a command
+
+
+@dataclass
 class LiveResponse:
     """The current response, as the client has received it."""
 
@@ -118,6 +131,7 @@ class _CommandAsk:
     response_id: str  # the answer playing when the speech was heard: the only one the verdict may cancel
     end: int
     phrases: tuple[str, ...]
+    final: bool  # the check of the whole utterance, made when it ended
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,7 @@ class Session:
         self._ttfa_ms: float | None = None
         self._barge: _Barge | None = None
         self._interrupted_segment = 0  # the barge-in segment that already interrupted (one per utterance)
+        self._held: _Held | None = None  # a question asked during the answer, for after it
         self._inputs: OrderedDict[str, tuple[np.ndarray | None, str | None]] = OrderedDict()  # what responses answer
         self._idle_from: float | None = None  # idle_timeout_ms counts from this time
         self._pending_image: torch.Tensor | None = None  # CLIP pixels for the next audio turn
@@ -176,11 +191,14 @@ class Session:
         return out
 
     def next_deadline(self) -> float | None:
-        """The time `tick` has something to do (the idle timeout), if any."""
+        """The time `tick` has something to do (a held turn's release, the idle timeout), if any."""
+        deadlines = []
+        if self._held is not None and self._held.ready and self.response is None:
+            deadlines.append(self._playback_until)
         td = self.config.turn_detection
-        if td is None or td.idle_timeout_ms is None or self._idle_from is None:
-            return None
-        return self._idle_from + td.idle_timeout_ms / 1000
+        if td is not None and td.idle_timeout_ms is not None and self._idle_from is not None:
+            deadlines.append(self._idle_from + td.idle_timeout_ms / 1000)
+        return min(deadlines, default=None)
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
@@ -200,6 +218,8 @@ class Session:
         self._vad_pos = self._history.end  # absolute sample of the next VAD window
         self._turn_start: int | None = None  # absolute sample where the open user turn begins
         self._turn_item: str | None = None
+        self._turn_segment: int | None = None  # the open turn began as speech during an answer
+        self._held = None
         self._buffer_start = self._history.end  # push-to-talk: audio since the last commit/clear
 
     def update(self, config: SessionConfig) -> bool:
@@ -230,6 +250,7 @@ class Session:
             self._vad_pos += WINDOW
             self._on_window(prob, start, now)
         self._check_turn_limit(now)
+        self._release_held(now)
 
     def _on_window(self, prob: float, start: int, now: float) -> None:
         if self._turns is None:
@@ -253,6 +274,9 @@ class Session:
                 self._start_barge(edge.sample)
                 return
             self._open_turn(edge.sample)
+            held, self._held = self._held, None
+            if held is not None and self._turn_start is not None:  # the question goes on: one turn from its start
+                self._turn_start = max(self._history.start, min(self._turn_start, held.end - held.audio.size))
         elif self._turn_start is not None:
             self._emit(SpeechStopped(self._turn_item or "", ms(edge.sample)))
             self._commit_turn(self._turn_start, edge.sample, now, respond=self._turns.cfg.create_response)
@@ -279,9 +303,10 @@ class Session:
         td = self.config.turn_detection
         return td is not None and td.interrupt_response
 
-    def _open_turn(self, speech_start: int) -> None:
+    def _open_turn(self, speech_start: int, segment: int | None = None) -> None:
         assert self.config.turn_detection is not None
         self._turn_item = self._new_id("item")
+        self._turn_segment = segment
         self._turn_start = max(self._history.start, speech_start - self.config.turn_detection.prefix_padding_ms * 16)
         self._emit(SpeechStarted(self._turn_item, ms(speech_start)))
 
@@ -305,6 +330,7 @@ class Session:
         item = self._turn_item or self._new_id("item")
         self._turn_start = None
         self._turn_item = None
+        self._turn_segment = None
         self._commit_audio(item, self._history.slice(start, end), now, truncated, respond)
 
     def _commit_audio(
@@ -352,6 +378,8 @@ class Session:
         self._buffer_start = self._history.end
         self._turn_start = None
         self._turn_item = None
+        self._turn_segment = None
+        self._held = None
         if self._turns is not None:
             self._turns.reset()
         self._emit(InputCleared())
@@ -384,14 +412,16 @@ class Session:
 
     def tick(self, now: float) -> None:
         """server_vad idle_timeout_ms: no speech for that long after the last answer finished
-        playing -> the silence is committed as a user turn and answered (as OpenAI does)."""
-        deadline = self.next_deadline()
-        if deadline is None or now < deadline:
+        playing -> the silence is committed as a user turn and answered (as OpenAI does).
+        A question asked during the answer is committed once the answer's audio is over."""
+        self._release_held(now)
+        td = self.config.turn_detection
+        if td is None or td.idle_timeout_ms is None or self._idle_from is None:
+            return
+        if now < self._idle_from + td.idle_timeout_ms / 1000:
             return
         if self.response is not None or self._turn_start is not None or self._barge is not None:
             return
-        td = self.config.turn_detection
-        assert td is not None and td.idle_timeout_ms is not None
         self._idle_from = None
         end = self._history.end
         start = max(self._history.start, self._buffer_start, end - td.idle_timeout_ms * MODEL_RATE // 1000)
@@ -570,9 +600,18 @@ class Session:
         b = self._barge
         assert b is not None
         mode = self.config.interrupt_mode
+        keeps_speech = mode is not InterruptMode.VAD and b.matched is None  # what does not interrupt is kept
+        if keeps_speech and not self.speaking_at(now):
+            # The answer's audio is over and the speech goes on: the next user turn, from its start.
+            self._barge = None
+            self._open_turn(b.start, segment=b.segment)
+            self._on_edge(edge, now)
+            return
         if edge is not None and edge.kind == "stop":
             if mode is InterruptMode.COMMAND and b.matched is None:
                 self._check_command(final=True, end=edge.sample)
+            if keeps_speech and ms(edge.sample - b.start) > self.config.backchannel_max_ms:
+                self._hold(b, edge.sample)
             self._barge = None
             return
         if mode is InterruptMode.VAD:
@@ -585,6 +624,32 @@ class Session:
         elif mode is InterruptMode.COMMAND and window_end - b.checked_until >= COMMAND_CHECK_EVERY:
             self._check_command(final=False, end=window_end)
 
+    def _hold(self, b: _Barge, end: int) -> None:
+        """Keep speech that did not interrupt for after the answer (an earlier held utterance
+        of this answer and this one make one turn, from the earlier one's start)."""
+        assert self.config.turn_detection is not None
+        pad = self.config.turn_detection.prefix_padding_ms * 16
+        audio = self._history.slice(b.start - pad, end)
+        held = self._held
+        if held is not None:
+            audio = np.concatenate([held.audio, self._history.slice(held.end, end)])[-MAX_TURN_SAMPLES:]
+        # Without a recognizer there is no verdict to wait for: nothing said is a command.
+        waits = self.config.interrupt_mode is InterruptMode.COMMAND and self.has_recognizer
+        self._held = _Held(held.item_id if held else self._new_id("item"), held.start if held else b.start, end,
+                           audio, b.segment, ready=not waits)  # fmt: skip
+
+    def _release_held(self, now: float) -> None:
+        held = self._held
+        if held is None or not held.ready or self.response is not None or self.speaking_at(now):
+            return
+        if self._barge is not None or self._turn_start is not None:
+            return
+        self._held = None
+        td = self.config.turn_detection
+        self._emit(SpeechStarted(held.item_id, ms(held.start)))
+        self._emit(SpeechStopped(held.item_id, ms(held.end)))
+        self._commit_audio(held.item_id, held.audio, now, respond=td is not None and td.create_response)
+
     def _check_command(self, final: bool, end: int) -> None:
         b = self._barge
         if b is None or not self.has_recognizer or b.matched is not None:
@@ -596,7 +661,7 @@ class Session:
         phrases = self.config.interrupt_phrases
         # The verdict concerns the answer playing now (the last one started); a later answer is
         # not its to cancel.
-        ticket = self._ask(_CommandAsk(b.segment, self._last_response_id, end, phrases))
+        ticket = self._ask(_CommandAsk(b.segment, self._last_response_id, end, phrases, final))
         self._work.append(Transcribe(ticket, audio, bias_prompt(phrases), droppable=not final))
 
     def recognized(self, ticket: int, text: str | None, now: float) -> None:
@@ -607,8 +672,19 @@ class Session:
         elif isinstance(ask, _CommandAsk):
             phrase = match_phrase(text or "", ask.phrases)
             log.debug("barge-in segment %d heard %r -> %s", ask.segment, text, phrase)
+            held = self._held
+            if held is not None and held.segment == ask.segment:
+                if phrase is not None:
+                    self._held = None  # a command, not a question
+                elif ask.final:
+                    held.ready = True
+                    self._release_held(now)
             if phrase is None:
                 return
+            if self._turn_segment == ask.segment and self._turn_start is not None:
+                # A command said as the answer ended (its speech went on past the audio): not a turn.
+                self._emit(SpeechStopped(self._turn_item or "", ms(ask.end)))
+                self._turn_start = self._turn_item = self._turn_segment = None
             if self._barge is not None and self._barge.segment == ask.segment:
                 self._barge.matched = phrase
             if self._interrupted_segment >= ask.segment:

@@ -133,6 +133,101 @@ def test_semantic_vad_score_comes_back_as_an_input() -> None:
     assert s.take_events() == []
 
 
+# ---------------- speech at the edge of an answer (command and none modes) ----------------
+
+
+def _answering(s: Session, audio_s: float) -> StartResponse:
+    """A text turn answered with `audio_s` of audio, all sent at t=0 (it plays until audio_s)."""
+    s.add_text("hello", now=0.0, create_response=True)
+    a = started(s)
+    s.response_event(AudioChunk(a.response_id, a.item_id, 0, 0.0, b"\0\0" * int(24000 * audio_s)), now=0.0)
+    s.take_events()
+    s.take_work()
+    return a
+
+
+def _end(s: Session, a: StartResponse, now: float) -> None:
+    s.response_event(ResponseDone(a.response_id, a.item_id, "completed"), now=now)
+
+
+def _final_check(s: Session) -> Transcribe:
+    asks = [w for w in s.take_work() if isinstance(w, Transcribe)]
+    assert asks and not asks[-1].droppable
+    return asks[-1]
+
+
+def test_a_question_asked_during_the_answer_is_answered_after_it() -> None:
+    """Command mode: 1.28 s of speech that is no command, said while the answer plays, is the
+    next user turn once the answer's audio is over, from its first sample."""
+    s = Session(SessionConfig(input_sample_rate=16000), recognizer=True)
+    a = _answering(s, audio_s=5.0)
+    speak(s, QUIET + SPEECH * 2 + QUIET, now=1.0)  # 640 ms quiet, 1280 ms speech, 640 ms quiet
+    s.recognized(_final_check(s).ticket, "what is the weather like", now=1.1)
+    _end(s, a, now=2.0)
+    s.take_events()
+    assert s.next_deadline() == pytest.approx(5.0)  # when the answer's audio is over
+    s.tick(4.9)
+    assert s.take_events() == [] and not s.take_work()
+    s.tick(5.0)
+    events = s.take_events()
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped, InputCommitted, ResponseCreated]
+    assert events[0].item_id == events[1].item_id == events[2].item_id
+    assert (events[0].audio_start_ms, events[1].audio_end_ms) == (640, 1920)
+    request = started(s).request
+    assert request.audio.size == (1920 - 640 + 300) * 16  # the speech and its prefix padding
+
+
+def test_a_backchannel_or_a_command_during_the_answer_is_not_a_turn() -> None:
+    for probs, heard in ((QUIET + SPEECH[:13] + QUIET, "yeah"), (QUIET + SPEECH * 2 + QUIET, "stop omni")):
+        s = Session(SessionConfig(input_sample_rate=16000), recognizer=True)
+        a = _answering(s, audio_s=5.0)
+        speak(s, probs, now=1.0)
+        s.recognized(_final_check(s).ticket, heard, now=1.1)
+        if heard == "stop omni":
+            assert any(isinstance(e, Interrupted) for e in s.take_events())
+            s.response_event(ResponseDone(a.response_id, a.item_id, "cancelled", "turn_detected"), now=1.2)
+        else:
+            _end(s, a, now=2.0)
+        s.take_events()
+        s.tick(10.0)
+        assert not [e for e in s.take_events() if isinstance(e, (InputCommitted, ResponseCreated))], heard
+        assert not [w for w in s.take_work() if isinstance(w, StartResponse)]
+
+
+def test_speech_that_goes_on_past_the_answer_is_the_next_turn() -> None:
+    """Speech begun while the answer's last 300 ms play and still going when they end is a
+    turn from its first sample; a late command verdict about it drops it instead."""
+    for verdict in ("so tell me more", "stop"):
+        s = Session(SessionConfig(input_sample_rate=16000), recognizer=True)
+        a = _answering(s, audio_s=2.0)
+        _end(s, a, now=1.0)
+        speak(s, QUIET + SPEECH[:10], now=1.7)  # 640 ms quiet, speech from 640 ms
+        asks = [w for w in s.take_work() if isinstance(w, Transcribe)]
+        assert not any(isinstance(e, SpeechStarted) for e in s.take_events())  # a barge-in so far
+        speak(s, SPEECH[:10], now=2.05)  # the answer's audio is over; the speech goes on
+        (began,) = s.take_events()
+        assert isinstance(began, SpeechStarted) and began.audio_start_ms == 640
+        for ask in asks:
+            s.recognized(ask.ticket, verdict, now=2.1)
+        speak(s, QUIET, now=2.4)
+        kinds = [type(e) for e in s.take_events()]
+        if verdict == "stop":
+            assert kinds == [SpeechStopped]  # said as the answer ended: a command, not a question
+        else:
+            assert kinds == [SpeechStopped, InputCommitted, ResponseCreated]
+            assert started(s).request.audio.size == (1280 - 640 + 300) * 16
+
+
+def test_without_interrupts_a_long_utterance_is_still_answered_after_the_answer() -> None:
+    s = Session(SessionConfig(input_sample_rate=16000, interrupt_mode=InterruptMode.NONE))
+    a = _answering(s, audio_s=5.0)
+    speak(s, QUIET + SPEECH * 2 + QUIET, now=1.0)  # no recognizer, no verdict to wait for
+    _end(s, a, now=2.0)
+    s.take_events()
+    s.tick(5.0)
+    assert [type(e) for e in s.take_events()] == [SpeechStarted, SpeechStopped, InputCommitted, ResponseCreated]
+
+
 # ---------------- failures stay inside one response ----------------
 
 

@@ -345,6 +345,28 @@ def test_backchannel_does_not_interrupt_in_command_mode(runner, vad, recognizer)
     assert next(e for e in events if isinstance(e, ResponseDone)).status == "completed"
 
 
+def test_a_question_right_after_response_done_is_answered(runner, vad, recognizer) -> None:
+    """Command mode, as a client that asks its next question as soon as response.done came,
+    while the answer's audio still plays by the server's reckoning: the question is the next
+    turn once that audio is over (it used to be checked for a command and dropped)."""
+    s, events = _speaking_session(runner, vad, recognizer, InterruptMode.COMMAND)
+    events += collect(s, done, timeout=20)
+    first = next(e for e in events if isinstance(e, ResponseCreated)).response_id
+    assert s.assistant_speaking  # the answer's audio has not finished playing
+    audio_over = s.session._playback_until
+    _say(s, "weather")
+    assert next(s.session._segments) == 2  # heard as speech during the answer
+    events = collect(s, lambda ev: any(isinstance(e, ResponseCreated) for e in ev), timeout=30)
+    assert time.monotonic() >= audio_over  # answered once the answer's audio was over
+    assert not any(isinstance(e, Interrupted) for e in events)
+    order = [k for k in kinds(events) if k not in ("AudioChunk", "TranscriptDelta")]
+    assert order == ["SpeechStarted", "SpeechStopped", "InputCommitted", "ResponseCreated"]
+    committed = next(e for e in events if isinstance(e, InputCommitted))
+    speech_ms = 1728  # silero's speech segment of the fixture, plus the 300 ms prefix padding
+    assert abs(committed.duration_ms - (speech_ms + 300)) <= 100
+    assert next(e for e in events if isinstance(e, ResponseCreated)).response_id != first
+
+
 def test_backchannel_interrupts_in_vad_mode(runner, vad, recognizer) -> None:
     s, _ = _speaking_session(runner, vad, recognizer, InterruptMode.VAD)
     _say(s, "yeah")

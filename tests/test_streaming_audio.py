@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.codec import SnacCodec
-from streaming.audio_in import InputResampler, InvalidAudio, decode_pcm16
+from streaming.audio_in import AudioHistory, InputResampler, InvalidAudio, decode_pcm16
 from streaming.audio_out import StreamingSnacDecoder
 from streaming.config import TurnDetection
 from streaming.vad import WINDOW, TurnDetector
@@ -121,6 +121,23 @@ def test_resampler_any_chunking_gives_the_same_audio() -> None:
 def _speech_bounds(audio: np.ndarray, thresh: float = 0.02) -> tuple[int, int]:
     loud = np.flatnonzero(np.abs(audio) > thresh)
     return int(loud[0]), int(loud[-1])
+
+
+def test_audio_history_keeps_the_tail_at_its_absolute_positions() -> None:
+    """Chunks of every size (empty, small, over the whole kept span) against the plain
+    concatenation: slices by absolute sample index are identical, at least `keep` is kept."""
+    rng = np.random.default_rng(0)
+    history, everything = AudioHistory(1000), np.zeros(0, np.float32)
+    for i in range(3000):
+        chunk = rng.standard_normal(int(rng.integers(0, 1500 if i % 50 == 0 else 120))).astype(np.float32)
+        history.append(chunk)
+        everything = np.concatenate([everything, chunk])
+        assert history.end == everything.size
+        assert min(everything.size, 1000) <= history.end - history.start <= 1250
+        begin = int(rng.integers(history.start - 50, history.end + 10))
+        end = int(rng.integers(begin, history.end + 50))
+        lo, hi = max(begin, history.start), min(end, history.end)
+        assert np.array_equal(history.slice(begin, end), everything[lo:hi] if hi > lo else np.zeros(0))
 
 
 def test_vad_turn_boundaries_land_near_the_speech(vad) -> None:

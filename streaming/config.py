@@ -89,6 +89,10 @@ class SessionConfig:
     # backchannel ("yeah": 416 ms of speech), ignored; longer speech, or speech that goes on past
     # the answer's audio, becomes the next user turn (questions run 1 s and more).
     backchannel_max_ms: int = 700
+    # Turn detection: once a silence in the user's speech has lasted this long, the answer's
+    # encode and prefill start on the speech so far, and it steps the moment the turn really ends
+    # there (if the speech goes on, that work is dropped). None: start only at the turn's end.
+    speculate_after_ms: int | None = 0
     chunk_frames: int = 1  # SNAC frames in the first audio chunk (1 frame = 85.33 ms): fast first audio
     max_chunk_frames: int = 4  # later chunks double up to this: 4x fewer SNAC windows per second
     left_context_frames: int = 3  # SNAC decode context; 3 + 3 decodes exactly
@@ -122,6 +126,8 @@ class SessionConfig:
             0 <= self.first_chunk_lookahead_frames <= self.lookahead_frames
         ):
             raise ValueError(f"first_chunk_lookahead_frames must be in [0, {self.lookahead_frames}]")
+        if self.speculate_after_ms is not None and self.speculate_after_ms < 0:
+            raise ValueError("speculate_after_ms must be >= 0 or None")
         if self.backchannel_max_ms < 0:
             raise ValueError("backchannel_max_ms must be >= 0")
         if not all(p.strip() for p in self.interrupt_phrases):

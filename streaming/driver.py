@@ -30,6 +30,7 @@ from .config import SessionConfig
 from .detector import RecognizerWorker
 from .events import (
     CancelResponse,
+    ConfirmResponse,
     Event,
     PlaybackAt,
     ResponseDone,
@@ -131,11 +132,16 @@ class Driver:
 
     def _do(self, w: Work) -> None:
         s = self.session
-        if isinstance(w, StartResponse):
+        if isinstance(w, StartResponse | ConfirmResponse):
+            if isinstance(w, ConfirmResponse) and w.response_id in self.live:
+                self.runner.release(self.live[w.response_id])
+                return
+            held = isinstance(w, StartResponse) and w.speculative
             try:
-                self.live[w.response_id] = self.runner.submit(w.response_id, w.item_id, w.request, self._sink)
+                self.live[w.response_id] = self.runner.submit(w.response_id, w.item_id, w.request, self._sink, held)
             except RunnerFull as e:
-                s.response_refused(w.response_id, str(e), self.clock())
+                if not held:  # a speculation without a slot is simply not made; its confirm submits it
+                    s.response_refused(w.response_id, str(e), self.clock())
         elif isinstance(w, CancelResponse):
             if w.response_id in self.live:
                 self.runner.cancel(self.live[w.response_id], w.reason)

@@ -119,6 +119,18 @@ class StartResponse(Work):
     response_id: str
     item_id: str
     request: Any  # streaming.runner.ResponseRequest
+    # Speculative: encode and prefill now (the user may have finished), step only once confirmed.
+    speculative: bool = False
+
+
+@dataclass(frozen=True)
+class ConfirmResponse(Work):
+    """The turn ended where the speculation assumed: the held response goes on. Carries the
+    request, to start it afresh if the speculation never got a slot."""
+
+    response_id: str
+    item_id: str
+    request: Any
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -108,6 +109,11 @@ class _Cancel:
 
 
 @dataclass(frozen=True)
+class _Release:
+    key: int
+
+
+@dataclass(frozen=True)
 class _Ack:
     key: int
     n: int
@@ -144,6 +150,9 @@ class _Job:
     request: ResponseRequest
     sink: Sink
     t_submit: float = 0.0
+    held: bool = False  # speculative: encode and prefill, then wait for `release`
+    held_out: tuple[StepOutput | None, float, float] | None = None  # its prefill's output, not yet sent
+    t_release: float | None = None
     prompt: Prompt | None = None
     gen: Generation | None = None
     audio: bool = False  # its frames go to the SNAC thread
@@ -176,6 +185,7 @@ class ModelRunner:
         # reports are coalesced per batch of events by the consumer.
         self._inbox: queue.Queue[Any] = queue.Queue(maxsize=64 * (max_active + max_pending))
         self._to_encode: queue.Queue[_Job | None] = queue.Queue(maxsize=max_active + max_pending + 1)
+        self._encode_cancels: queue.Queue[int] = queue.Queue(maxsize=64 * (max_active + max_pending))
         self._to_snac: queue.Queue[Any] = queue.Queue(maxsize=(MAX_FRAMES_IN_SNAC + 4) * (max_active + 1))
         self._keys = itertools.count(1)
         self._jobs: dict[int, _Job] = {}  # every response not finished, the decode thread's own
@@ -211,19 +221,26 @@ class ModelRunner:
 
     # ---------------- the consumers' side (any thread; never blocks) ----------------
 
-    def submit(self, response_id: str, item_id: str, request: ResponseRequest, sink: Sink) -> int:
+    def submit(self, response_id: str, item_id: str, request: ResponseRequest, sink: Sink, held: bool = False) -> int:
         """Queue a response; returns its key (for cancel/ack/playback: response ids are the
-        sessions' own and may repeat across sessions). Raises RunnerFull when every slot is taken."""
+        sessions' own and may repeat across sessions). Raises RunnerFull when every slot is taken.
+        `held`: a speculation, encoded and prefilled now, sending nothing and stepping no
+        further until `release` (or ended by `cancel`)."""
         if not self._slots.acquire(blocking=False):
             raise RunnerFull("the model is saturated; try again shortly")
         key = next(self._keys)
-        job = _Job(key, response_id, item_id, request, sink, t_submit=time.perf_counter())
+        job = _Job(key, response_id, item_id, request, sink, t_submit=time.perf_counter(), held=held)
         self._inbox.put_nowait(_Submit(job))  # before the encoder can report on it
         self._to_encode.put_nowait(job)
         return key
 
+    def release(self, key: int) -> None:
+        """A held response goes on: its prefill's output goes out and it steps from now on."""
+        self._inbox.put_nowait(_Release(key))
+
     def cancel(self, key: int, reason: str = "client_cancelled") -> None:
         self._inbox.put_nowait(_Cancel(key, reason))
+        self._encode_cancels.put_nowait(key)  # a cancelled job still waiting is not encoded
 
     def ack(self, key: int, n: int) -> None:
         """The consumer took n events of the response: room for more."""
@@ -289,6 +306,13 @@ class ModelRunner:
                 job.prompt, job.encode_ms = msg.prompt, msg.encode_ms
         elif isinstance(msg, _Cancel):
             self._finish(job, "cancelled", reason=msg.reason)
+        elif isinstance(msg, _Release):
+            job.held = False
+            job.t_release = time.perf_counter()
+            if job.held_out is not None:
+                out, t0, t1 = job.held_out
+                job.held_out = None
+                self._after_step(job, out, t0, t1)
         elif isinstance(msg, _Ack):
             job.events_acked += msg.n
         elif isinstance(msg, _Playback):
@@ -324,6 +348,8 @@ class ModelRunner:
         # Room at the consumer for what is in flight plus one step and its audio.
         if job.frames_in_snac > MAX_FRAMES_IN_SNAC or in_flight + req.lookahead_frames + 4 > self.max_unacked:
             return False
+        if job.held and job.gen is not None and not job.gen.in_prefill:
+            return False  # prefilled: waits for its release
         if not job.audio:
             return True
         played = 0.0 if job.play_start is None else (now - job.play_start) * 1000
@@ -348,6 +374,9 @@ class ModelRunner:
                 out = gen.step()
             except Exception:
                 self._fail(job, "prefill")
+                continue
+            if job.held:  # nothing goes out before the release
+                job.held_out = (out, t0, time.perf_counter())
                 continue
             self._after_step(job, out, t0, time.perf_counter())
         if decode:
@@ -389,7 +418,8 @@ class ModelRunner:
         if out.frame is not None and job.audio:
             job.frames_made += 1
             if job.first_frame_ms is None:
-                job.first_frame_ms = (t1 - job.t_submit) * 1000
+                start = job.t_release if job.t_release is not None else job.t_submit
+                job.first_frame_ms = (max(t1, start) - start) * 1000  # a speculation's: from its release
             job.frames_in_snac += 1
             self._to_snac.put_nowait(("frame", job.key, out.frame))
 
@@ -436,6 +466,8 @@ class ModelRunner:
                 "steps": job.steps,
                 "steps_per_s": round((job.steps - 1) / decode_s, 2) if decode_s > 0 else None,
             }
+            if job.t_release is not None:  # a speculation: how long its prefill was done before the turn ended
+                timings["speculation_lead_ms"] = round((job.t_release - job.t_prefill_done) * 1000, 2)
         done = ResponseDone(job.response_id, job.item_id, status, reason, transcript=job.text_sent, usage=usage,
                             timings=timings)  # fmt: skip
         job.gen = None  # the KV cache goes with it, now: an idle runner must not pin a finished answer
@@ -447,7 +479,18 @@ class ModelRunner:
     def _run_encoder(self) -> None:
         """Whisper (and CLIP) encode each request's inputs into its prompt, in submit order."""
         self.encoder_threads = torch.get_num_threads()
+        cancelled: OrderedDict[int, None] = OrderedDict()  # keys cancelled before their encode began
         while (job := self._to_encode.get()) is not None:
+            while True:
+                try:
+                    cancelled[self._encode_cancels.get_nowait()] = None
+                except queue.Empty:
+                    break
+            while len(cancelled) > 1024:  # mostly keys already encoded: forget the oldest
+                cancelled.popitem(last=False)
+            if job.key in cancelled:  # e.g. a dropped speculation: its end went out when it was cancelled
+                del cancelled[job.key]
+                continue
             req = job.request
             t0 = time.perf_counter()
             try:

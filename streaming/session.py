@@ -33,6 +33,7 @@ from .detector import bias_prompt, match_phrase
 from .events import (
     AudioChunk,
     CancelResponse,
+    ConfirmResponse,
     Event,
     InputCleared,
     InputCommitted,
@@ -142,6 +143,19 @@ class _Create:
     response_id: str
 
 
+@dataclass(frozen=True)
+class _Speculation:
+    """An answer begun at a pause of the open turn (encode + prefill, held by the runner)."""
+
+    create: _Create
+    start: int  # the turn's audio: it must be committed exactly as [start, end)
+    end: int  # the sample the pause began at
+    assistant_item: str
+    task: Task
+    audio_out: bool
+    request: ResponseRequest
+
+
 class Session:
     def __init__(
         self,
@@ -164,6 +178,7 @@ class Session:
         self._tickets = itertools.count(1)
         self._asks: OrderedDict[int, _TurnAsk | _TranscriptAsk | _CommandAsk] = OrderedDict()
         self._history = AudioHistory(MAX_TURN_SAMPLES + 10 * MODEL_RATE)
+        self._spec: _Speculation | None = None
         self._reset_input()
         self.response: LiveResponse | None = None
         self._queued: _Create | None = None  # created while the current one was being cancelled
@@ -214,7 +229,9 @@ class Session:
 
     def _reset_input(self) -> None:
         td = self.config.turn_detection
-        self._turns = TurnDetector(td, has_scorer=self.has_turn_model) if td else None
+        self._drop_speculation()
+        pause = self.config.speculate_after_ms
+        self._turns = TurnDetector(td, has_scorer=self.has_turn_model, pause_ms=pause) if td else None
         self._vad_pos = self._history.end  # absolute sample of the next VAD window
         self._turn_start: int | None = None  # absolute sample where the open user turn begins
         self._turn_item: str | None = None
@@ -231,6 +248,7 @@ class Session:
             self.config.turn_detection,
         )
         self.config = config
+        self._drop_speculation()  # built with the old configuration
         if restart:
             self._reset_input()  # the input timeline stays monotonic: it goes on from here
         return restart
@@ -268,7 +286,11 @@ class Session:
         if edge is None:
             return
         assert self._turns is not None
-        if edge.kind == "start":
+        if edge.kind == "pause":
+            self._speculate(edge.sample)
+        elif edge.kind == "resume":
+            self._drop_speculation()
+        elif edge.kind == "start":
             self._idle_from = None
             if self.speaking_at(now) and self._barge_applies():
                 self._start_barge(edge.sample)
@@ -277,7 +299,7 @@ class Session:
             held, self._held = self._held, None
             if held is not None and self._turn_start is not None:  # the question goes on: one turn from its start
                 self._turn_start = max(self._history.start, min(self._turn_start, held.end - held.audio.size))
-        elif self._turn_start is not None:
+        elif edge.kind == "stop" and self._turn_start is not None:
             self._emit(SpeechStopped(self._turn_item or "", ms(edge.sample)))
             self._commit_turn(self._turn_start, edge.sample, now, respond=self._turns.cfg.create_response)
 
@@ -331,10 +353,22 @@ class Session:
         self._turn_start = None
         self._turn_item = None
         self._turn_segment = None
-        self._commit_audio(item, self._history.slice(start, end), now, truncated, respond)
+        spec = self._spec
+        if not (respond and spec is not None and spec.create.item_id == item and spec.start == start
+                and spec.end == end):  # fmt: skip
+            spec = None
+            self._drop_speculation()
+        self._commit_audio(item, self._history.slice(start, end), now, truncated, respond,
+                           spec.create if spec else None)  # fmt: skip
 
     def _commit_audio(
-        self, item: str, audio: np.ndarray, now: float, truncated: bool = False, respond: bool = False
+        self,
+        item: str,
+        audio: np.ndarray,
+        now: float,
+        truncated: bool = False,
+        respond: bool = False,
+        create: _Create | None = None,
     ) -> None:
         """A user audio item; answered at once only when turn detection ended it with create_response
         (as OpenAI: a client's commit, or create_response false, waits for response.create)."""
@@ -345,7 +379,7 @@ class Session:
             ticket = self._ask(_TranscriptAsk(item, ms(audio.size)))
             self._work.append(Transcribe(ticket, audio, None, droppable=False))
         if respond:
-            self._request_response(_Create(item, None, None, self._new_id("resp")), now)
+            self._request_response(create or _Create(item, None, None, self._new_id("resp")), now)
 
     def _remember(self, item: str, audio: np.ndarray | None, text: str | None) -> None:
         self._inputs[item] = (audio, text)
@@ -380,6 +414,7 @@ class Session:
         self._turn_item = None
         self._turn_segment = None
         self._held = None
+        self._drop_speculation()
         if self._turns is not None:
             self._turns.reset()
         self._emit(InputCleared())
@@ -472,6 +507,8 @@ class Session:
         r = self.response
         if r is not None and (r.cancelled is None or self._queued is not None):
             self._emit(SessionError(ACTIVE_RESPONSE, active_response_message(r.response_id)))
+            if self._spec is not None and self._spec.create.response_id == create.response_id:
+                self._drop_speculation()
             return None
         if r is not None:  # being cancelled: starts once its end has come
             self._queued = create
@@ -483,14 +520,36 @@ class Session:
         if create.item_id not in self._inputs:
             self._emit(SessionError("invalid_request", "the user input to respond to was deleted"))
             return
-        audio, text = self._inputs[create.item_id]
+        spec, self._spec = self._spec, None
+        if spec is not None and spec.create.response_id == create.response_id:
+            # The turn ended where the speculation assumed: its encode and prefill are (being) done.
+            r = LiveResponse(create.response_id, spec.assistant_item, spec.task, audio_out=spec.audio_out)
+            work: StartResponse | ConfirmResponse = ConfirmResponse(r.response_id, r.item_id, spec.request)
+        else:
+            if spec is not None:
+                self._work.append(CancelResponse(spec.create.response_id, "speculation_dropped"))
+            audio, text = self._inputs[create.item_id]
+            image = None
+            if audio is not None and self._pending_image is not None:
+                image, self._pending_image = self._pending_image, None
+            task, audio_out, request = self._plan(create, audio, text, image)
+            r = LiveResponse(create.response_id, self._new_id("item"), task, audio_out=audio_out)
+            work = StartResponse(r.response_id, r.item_id, request)
+        self.response = r
+        self._last_response_id = r.response_id
+        self._ttfa_ms = None
+        self._idle_from = None
+        self._work.append(work)
+        self._emit(ResponseCreated(r.response_id, r.item_id, r.task.value, audio_out=r.audio_out))
+
+    def _plan(
+        self, create: _Create, audio: np.ndarray | None, text: str | None, image: torch.Tensor | None
+    ) -> tuple[Task, bool, ResponseRequest]:
+        """The task, whether audio goes out, and the runner's request for answering an input."""
         modalities = create.output_modalities or self.config.output_modalities
         audio_out = "audio" in modalities
-        image = None
-        if audio is not None and self._pending_image is not None:
-            # The release's image task always speaks; with text-only output its audio is not made.
-            image, self._pending_image = self._pending_image, None
-            task = Task.IMAGE_A1A2
+        if image is not None:
+            task = Task.IMAGE_A1A2  # the release's image task always speaks; text-only output drops its audio
         elif audio is not None:
             task = Task.A1A2 if audio_out else Task.A1T2
         else:
@@ -511,14 +570,30 @@ class Session:
             first_lookahead_frames=cfg.first_chunk_lookahead_frames,
             max_audio_lead_ms=cfg.max_audio_lead_ms,
         )
-        rid = create.response_id
-        r = LiveResponse(rid, self._new_id("item"), task, audio_out=task.audio_out and audio_out)
-        self.response = r
-        self._last_response_id = rid
-        self._ttfa_ms = None
-        self._idle_from = None
-        self._work.append(StartResponse(rid, r.item_id, request))
-        self._emit(ResponseCreated(rid, r.item_id, task.value, audio_out=r.audio_out))
+        return task, task.audio_out and audio_out, request
+
+    # ---------------- speculation ----------------
+
+    def _speculate(self, pause_at: int) -> None:
+        """A pause in the open turn: if the turn ends there and is answered at once, its answer
+        may start now. The runner encodes and prefills it and holds it until confirmed."""
+        td = self.config.turn_detection
+        if td is None or not td.create_response or self._turn_start is None or self._turn_item is None:
+            return
+        if self.response is not None or self._queued is not None or self._pending_image is not None:
+            return  # the turn's answer could not start at its end: nothing to gain
+        self._drop_speculation()
+        create = _Create(self._turn_item, None, None, self._new_id("resp"))
+        task, audio_out, request = self._plan(create, self._history.slice(self._turn_start, pause_at), None, None)
+        spec = _Speculation(create, self._turn_start, pause_at, self._new_id("item"), task, audio_out, request)
+        self._spec = spec
+        self._work.append(StartResponse(create.response_id, spec.assistant_item, request, speculative=True))
+
+    def _drop_speculation(self) -> None:
+        spec = self._spec
+        if spec is not None:
+            self._spec = None
+            self._work.append(CancelResponse(spec.create.response_id, "speculation_dropped"))
 
     def response_refused(self, response_id: str, message: str, now: float) -> None:
         """The runner had no room for a response just started: it ends at once, failed."""
@@ -709,4 +784,5 @@ class Session:
         return f"{kind}_{self._tag}{next(self._ids):06d}"
 
     def close(self) -> None:
+        self._drop_speculation()
         self.cancel_response("client_cancelled")

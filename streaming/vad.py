@@ -58,7 +58,10 @@ class VadStream:
 
 @dataclass(frozen=True)
 class VadEdge:
-    kind: str  # "start" | "stop" | "score" (semantic_vad: score the turn up to `sample`)
+    # "start" | "stop" | "score" (semantic_vad: score the turn up to `sample`) | "pause" (a
+    # silence began at `sample` and lasted pause_ms: the turn may end there) | "resume" (the
+    # speech after a "pause" went on)
+    kind: str
     sample: int  # absolute 16 kHz sample index of the edge
     pause: int = 0  # "score": the pause the score is for (a later pause makes it stale)
 
@@ -72,13 +75,19 @@ class TurnDetector:
     end-of-turn model's p(complete) of the turn so far (with that short silence: what Smart
     Turn is trained on); `scored` hands it in: complete -> the turn ends there; incomplete ->
     the pause may last up to the eagerness limit (also the limit while the score is out).
-    Without an end-of-turn model (has_scorer False), the server_vad default (500 ms) applies."""
+    Without an end-of-turn model (has_scorer False), the server_vad default (500 ms) applies.
+
+    `pause_ms` (None: off): once a silence has lasted that long, a "pause" edge at its start
+    lets the caller begin the answer speculatively (the stop edge, if it comes, is at the same
+    sample); a "resume" edge says the speech went on after it."""
 
     FALLBACK_SILENCE_MS = 500
 
-    def __init__(self, cfg: TurnDetection, has_scorer: bool = False) -> None:
+    def __init__(self, cfg: TurnDetection, has_scorer: bool = False, pause_ms: int | None = None) -> None:
         self.cfg = cfg
         self.has_scorer = has_scorer
+        self.pause_ms = pause_ms
+        self._paused = False  # this silence's "pause" edge went out
         self.speaking = False
         self.silence_start: int | None = None
         self._limit_ms: int | None = None  # semantic: the silence that ends this pause, once scored
@@ -93,6 +102,7 @@ class TurnDetector:
 
     def _new_pause(self, start: int | None) -> None:
         self.silence_start = start
+        self._paused = False
         self._limit_ms = None
         self._asked = False
         self.pause += 1
@@ -116,12 +126,18 @@ class TurnDetector:
                 return VadEdge("start", window_start)
             return None
         if prob >= self.cfg.threshold - 0.15:
+            resumed = self._paused
             if self.silence_start is not None:
                 self._new_pause(None)
-            return None
+            return VadEdge("resume", window_start) if resumed else None
         if self.silence_start is None:
             self._new_pause(window_start)
-        return self._check()
+        edge = self._check()
+        if edge is None and self.pause_ms is not None and not self._paused and self.silence_start is not None:
+            if (self._now - self.silence_start) * 1000 / RATE >= self.pause_ms:
+                self._paused = True
+                return VadEdge("pause", self.silence_start, self.pause)
+        return edge
 
     def _check(self) -> VadEdge | None:
         assert self.silence_start is not None

@@ -21,6 +21,7 @@ from streaming.driver import LocalSession
 from streaming.events import (
     AudioChunk,
     CancelResponse,
+    ConfirmResponse,
     InputCommitted,
     InputTranscript,
     Interrupted,
@@ -131,6 +132,71 @@ def test_semantic_vad_score_comes_back_as_an_input() -> None:
     assert committed.duration_ms == 640  # the speech (its prefix padding is clipped at the input's start)
     s.turn_scored(ask.ticket, 0.97, now=0.2)  # an answer comes once; a repeat is ignored
     assert s.take_events() == []
+
+
+# ---------------- speculative encode and prefill ----------------
+
+
+def test_the_answer_starts_at_the_first_silent_window_and_goes_on_at_the_turn_end() -> None:
+    s = Session(SessionConfig(input_sample_rate=16000))
+    speak(s, QUIET[:5] + SPEECH + [0.0], now=0.0)  # the first silent window
+    (spec,) = s.take_work()
+    assert isinstance(spec, StartResponse) and spec.speculative
+    assert [type(e) for e in s.take_events()] == [SpeechStarted]  # nothing announced yet
+    speak(s, QUIET, now=0.5)  # the silence lasts: the turn ends where the speculation assumed
+    (confirm,) = s.take_work()
+    assert isinstance(confirm, ConfirmResponse) and confirm.response_id == spec.response_id
+    assert confirm.item_id == spec.item_id and confirm.request is spec.request
+    events = s.take_events()
+    assert [type(e) for e in events] == [SpeechStopped, InputCommitted, ResponseCreated]
+    assert events[2].response_id == spec.response_id and s.responding == spec.response_id
+    assert spec.request.audio.size == events[1].duration_ms * 16  # exactly the committed audio
+
+
+def test_speech_that_resumes_drops_the_speculation() -> None:
+    s = Session(SessionConfig(input_sample_rate=16000))
+    speak(s, QUIET[:5] + SPEECH + [0.0] * 3, now=0.0)  # a 96 ms pause inside the turn
+    (first,) = s.take_work()
+    speak(s, SPEECH, now=0.2)  # the user goes on
+    assert s.take_work() == [CancelResponse(first.response_id, "speculation_dropped")]
+    speak(s, QUIET, now=1.0)
+    second, confirm = s.take_work()
+    assert isinstance(second, StartResponse) and second.speculative and second.response_id != first.response_id
+    assert isinstance(confirm, ConfirmResponse) and confirm.response_id == second.response_id
+    assert second.request.audio.size == (160 + 640 + 96 + 640) * 16  # the whole turn, from its start
+    created = [e for e in s.take_events() if isinstance(e, ResponseCreated)]
+    assert [e.response_id for e in created] == [second.response_id]
+
+
+def test_a_turn_that_is_not_answered_at_once_drops_the_speculation() -> None:
+    """create_response false, a client commit, a clear, a config change: no confirm comes."""
+    for ending in ("no_create", "commit", "clear", "update"):
+        td = TurnDetection(create_response=ending != "no_create")
+        s = Session(SessionConfig(input_sample_rate=16000, turn_detection=td))
+        speak(s, SPEECH + [0.0], now=0.0)
+        spec = [w for w in s.take_work() if isinstance(w, StartResponse)]
+        if ending == "no_create":
+            assert spec == []  # nothing to speculate on
+            continue
+        if ending == "commit":
+            s.commit(now=0.1)
+        elif ending == "clear":
+            s.clear()
+        else:
+            s.update(s.config.replace(max_new_tokens=5))
+        speak(s, QUIET, now=1.0)
+        work = s.take_work()
+        assert CancelResponse(spec[0].response_id, "speculation_dropped") in work, ending
+        assert not any(isinstance(w, ConfirmResponse) for w in work), ending
+
+
+def test_without_speculation_the_answer_starts_at_the_turn_end() -> None:
+    s = Session(SessionConfig(input_sample_rate=16000, speculate_after_ms=None))
+    speak(s, SPEECH + [0.0] * 10, now=0.0)
+    assert s.take_work() == []
+    speak(s, QUIET, now=0.5)
+    (work,) = s.take_work()
+    assert isinstance(work, StartResponse) and not work.speculative
 
 
 # ---------------- speech at the edge of an answer (command and none modes) ----------------

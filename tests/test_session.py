@@ -107,6 +107,48 @@ def test_streamed_response_equals_generate(runner: ModelRunner, vad, tiny_model)
     assert np.max(np.abs(pcm - ref)) <= max(2, 1e-3 * np.max(np.abs(ref)))
 
 
+def test_speculation_gives_the_same_answer_sooner(runner: ModelRunner, vad) -> None:
+    """Encode and prefill begun at the turn's first silent window change no token: transcript
+    and audio are identical to the answer started at the turn's end. Fed in real time, the
+    speculation was ready long before the 500 ms of silence ran out."""
+    turn = np.concatenate([silence(0.3), fixture_audio("question"), silence(0.8)])
+    answers = []
+    for speculate in (None, 0):
+        s = LocalSession(runner, vad, None, SessionConfig(input_sample_rate=16000, speculate_after_ms=speculate))
+        for i in range(0, turn.size, 1600):  # 100 ms chunks at real-time pace
+            s.append_audio(pcm16(turn[i : i + 1600]))
+            time.sleep(0.1)
+        events = collect(s, done)
+        end = next(e for e in events if isinstance(e, ResponseDone))
+        assert end.status == "completed"
+        pcm = b"".join(e.pcm for e in events if isinstance(e, AudioChunk))
+        answers.append((end.transcript, pcm, end.timings))
+    (text0, pcm0, plain), (text1, pcm1, speculated) = answers
+    assert text1 == text0 and pcm1 == pcm0 and pcm0
+    assert "speculation_lead_ms" not in plain
+    assert speculated["speculation_lead_ms"] > 0  # prefilled before the turn ended
+    assert speculated["ttfa_ms"] < plain["ttfa_ms"]
+
+
+def test_a_dropped_speculation_frees_its_slot(runner: ModelRunner, vad) -> None:
+    """Speech that resumes after a pause: the speculative answer is cancelled and its slot
+    (and KV cache) freed; one answer follows the whole turn."""
+    s = LocalSession(runner, vad, None, SessionConfig(input_sample_rate=16000))
+    q = fixture_audio("question")
+    feed(s, np.concatenate([silence(0.3), q, silence(0.2)]))
+    time.sleep(0.5)  # the speculation is encoded and prefilled meanwhile
+    s.poll()
+    assert runner.active_count == 1
+    feed(s, np.concatenate([q, silence(1.0)]))
+    events = collect(s, done)
+    assert sum(isinstance(e, ResponseCreated) for e in events) == 1
+    assert next(e for e in events if isinstance(e, InputCommitted)).duration_ms > 2 * 1000
+    deadline = time.monotonic() + 5
+    while runner.active_count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.active_count == 0
+
+
 def test_input_at_24k_is_resampled(runner: ModelRunner, vad) -> None:
     import soxr
 

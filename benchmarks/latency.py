@@ -87,8 +87,9 @@ def _snac_first_chunk_ms(model: OmniModel, frames: int, repeats: int = 5) -> flo
     return (time.perf_counter() - t0) / repeats * 1000
 
 
-def _label(mode: str, first_lookahead: int | None) -> str:
-    return mode if first_lookahead is None else f"{mode}+la{first_lookahead}"
+def _label(mode: str, first_lookahead: int | None, speculate: int | None = None) -> str:
+    label = mode if first_lookahead is None else f"{mode}+la{first_lookahead}"
+    return label if speculate is None else f"{label}+spec{speculate}"
 
 
 def fast_start_error(model: OmniModel, question: np.ndarray, cfg: SessionConfig) -> dict[str, dict[str, float]]:
@@ -127,6 +128,7 @@ def bench_latency(
     device: str = "cpu",
     turn_detection: tuple[str, ...] = ("server_vad", "semantic_vad"),
     first_chunk_lookahead: tuple[int | None, ...] = (None,),
+    speculate: tuple[int | None, ...] = (None, 0),
 ) -> dict[str, Any]:
     model = OmniModel.load(checkpoint, device=device, dtype=dtype)
     runner = ModelRunner(model).start()
@@ -141,10 +143,11 @@ def bench_latency(
     rows: list[dict[str, Any]] = []
     start_error = fast_start_error(model, question, cfg)  # also warms the model up, untimed
     try:
-        variants = [(m, la) for m in turn_detection for la in first_chunk_lookahead]
-        for mode, la in (v for _ in range(runs) for v in variants):
+        variants = [(m, la, sp) for m in turn_detection for la in first_chunk_lookahead for sp in speculate]
+        for mode, la, sp in (v for _ in range(runs) for v in variants):
             # -- time to first audio
-            variant = cfg.replace(turn_detection=TurnDetection(type=mode), first_chunk_lookahead_frames=la)
+            variant = cfg.replace(turn_detection=TurnDetection(type=mode), first_chunk_lookahead_frames=la,
+                                  speculate_after_ms=sp)  # fmt: skip
             s = LocalSession(runner, vad, recognizer, variant, turn_model)
             ev: list[tuple[float, Event]] = []
             t_spoken = _speak(s, np.concatenate([silence, question]), ev) + q_end / 16000
@@ -162,11 +165,13 @@ def bench_latency(
             gen_s = (t_done or first) - (t_commit or first) - (tm.get("encode_ms") or 0) / 1000
             row: dict[str, Any] = {
                 "turn_detection": mode,
-                "variant": _label(mode, la),
+                "variant": _label(mode, la, sp),
                 "ttfa_ms": round((t_audio - t_spoken) * 1000, 1) if t_audio else None,
                 "vad_hangover_ms": round((t_commit - t_spoken) * 1000, 1) if t_commit else None,
                 "encode_ms": tm.get("encode_ms"),
                 "prefill_ms": tm.get("prefill_ms"),
+                # speculation: how long before the end of the turn its encode + prefill were done
+                "speculation_lead_ms": tm.get("speculation_lead_ms"),
                 "to_first_frame_ms": tm.get("first_frame_ms"),
                 "steps": tm.get("steps"),
                 "response_audio_s": round(done.audio_ms / 1000, 3),
@@ -174,7 +179,7 @@ def bench_latency(
             }
             s.close()
             rows.append(row)
-            if (mode, la) != variants[0]:
+            if (mode, la, sp) != variants[0]:
                 continue
             # -- barge-in (once per run): a new answer, then "stop omni" while it plays
             s2 = LocalSession(runner, vad, recognizer, cfg.replace(max_audio_lead_ms=1000))
@@ -205,7 +210,7 @@ def bench_latency(
         return round(float(np.percentile(vals, 90)), 1) if vals else None
 
     keys = [k for k in rows[0] if k not in ("barge_in_detected", "turn_detection", "variant")]
-    labels = [_label(m, la) for m, la in variants]
+    labels = [_label(m, la, sp) for m, la, sp in variants]
     lookahead = cfg.lookahead_frames + cfg.chunk_frames
     return {
         "benchmark": "latency",

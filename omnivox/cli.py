@@ -250,6 +250,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         device=args.device,
         turn_detection=tuple(args.turn_detection.split(",")),
         first_chunk_lookahead=tuple(None if v == "exact" else int(v) for v in args.first_chunk_lookahead.split(",")),
+        speculate=tuple(None if v == "off" else int(v) for v in args.speculate.split(",")),
     )
     print_latency(result)
     _save_json(args.json, result)
@@ -427,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--first-chunk-lookahead", default="exact",
                     help="start modes side by side: 'exact' (3 frames) and/or 0-2 (opt-in fast start), "
                          "comma-separated")  # fmt: skip
+    bl.add_argument("--speculate", default="off,0",
+                    help="speculative encode + prefill side by side: 'off' and/or the ms of silence after "
+                         "which it starts (comma-separated)")  # fmt: skip
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
     bi = bsub.add_parser("image", help="Mini-Omni2 image turns: CLIP encode, prefill, first audio")

@@ -141,12 +141,15 @@ def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert main(["bench", "latency", "--checkpoint-dir", str(tiny_ckpt), "--runs", "1", "--max-new-tokens", "30",
                  "--json", str(out)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
-    server, semantic = doc["runs"]  # side by side, the same question
+    server, server_spec, semantic, semantic_spec = doc["runs"]  # side by side, the same question
     assert server["turn_detection"] == "server_vad" and semantic["turn_detection"] == "semantic_vad"
     assert server["ttfa_ms"] > server["vad_hangover_ms"] >= 400  # the 500 ms silence window, less decay
     assert semantic["ttfa_ms"] > semantic["vad_hangover_ms"] > 0
     assert server["barge_in_detected"] is True
-    assert set(doc["median"]) == set(doc["p90"]) == {"server_vad", "semantic_vad"}
+    assert server["speculation_lead_ms"] is None and semantic["speculation_lead_ms"] is None
+    assert server_spec["speculation_lead_ms"] is not None and semantic_spec["speculation_lead_ms"] is not None
+    labels = {"server_vad", "server_vad+spec0", "semantic_vad", "semantic_vad+spec0"}
+    assert set(doc["median"]) == set(doc["p90"]) == labels
     assert set(doc["fast_start_error"]) == {"0", "1", "2"}  # the opt-in first chunk's error, per lookahead
     threads = doc["stage_threads"]  # what each stage's own thread runs with, measured there
     assert threads["llm"] >= 1 and threads["encoder"] >= 1 and threads["snac"] >= 1 and threads["asr"] == 1

@@ -389,3 +389,36 @@ def test_bad_offers(server: Running) -> None:
         assert await asyncio.to_thread(free_slots, server) == 2
 
     run(main())
+
+
+def test_output_audio_buffer_clear_and_the_hangup_endpoint(server: Running) -> None:
+    """A text turn answered on the track; the client's output_audio_buffer.clear stops it at once
+    (and its generation); the SDK's hangup ends the call and frees the slot."""
+    from openai import AsyncOpenAI
+
+    async def main() -> Peer:
+        peer = Peer()
+        resp = await post_offer(server, await peer.offer())
+        call_id = resp.headers["location"].rsplit("/", 1)[-1]
+        await peer.answer(resp.text)
+        await peer.until(of_type("session.created"), 10)
+        content = [{"type": "input_text", "text": "Tell me a long story."}]
+        peer.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": content}})
+        peer.send({"type": "response.create"})
+        started = await peer.until(of_type("output_audio_buffer.started"), 20)
+        await asyncio.sleep(0.8)
+        peer.send({"type": "output_audio_buffer.clear", "event_id": "clear_1"})
+        cleared = await peer.until(of_type("output_audio_buffer.cleared"), 5)
+        done = await peer.until(of_type("response.done"), 5)
+        assert cleared["response_id"] == started["response_id"] == done["response"]["id"]
+        assert done["response"]["status"] == "cancelled"
+        await asyncio.sleep(0.6)
+        assert max(rms_between(peer, cleared["_t"] + 0.15, cleared["_t"] + 0.6)) < 0.003
+        client = AsyncOpenAI(api_key=KEY, base_url=f"{base(server)}/v1", max_retries=0)
+        await client.realtime.calls.hangup(call_id)
+        await wait_free(server, 2)
+        await peer.close()
+        return peer
+
+    names = run(main()).types()
+    assert "error" not in names, names

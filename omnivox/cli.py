@@ -166,6 +166,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_sessions": args.max_sessions,
         "max_new_tokens": args.max_new_tokens,
         "allow_unauthenticated": args.allow_unauthenticated or None,
+        "demo_tokens": args.demo_tokens or None,
+        "ice_servers": args.ice_servers,
     }
     settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     has_ckpt = settings.checkpoint_dir is not None or settings.checkpoint is not None
@@ -240,6 +242,14 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
     command = _wav_arg(args.command_wav, "stop_omni.wav", "--command-wav")
+    if args.transport:
+        from benchmarks.transport_latency import bench_transport_latency, print_transport_latency
+
+        result = bench_transport_latency(ckpt, question, command, dtype=args.dtype, runs=args.runs,
+                                         device=args.device, transports=tuple(args.transport.split(",")))  # fmt: skip
+        print_transport_latency(result)
+        _save_json(args.json, result)
+        return 0
     result = bench_latency(
         ckpt,
         question,
@@ -394,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
     sv.add_argument("--max-sessions", type=int, default=None, help="concurrent session slots (default 8)")
     sv.add_argument("--max-new-tokens", type=int, default=None, help="decode-step budget per answer")
+    sv.add_argument("--demo-tokens", action="store_true",
+                    help="POST /v1/demo/client_secret mints short-lived client secrets with no auth (demos only; "
+                         "OMNIVOX_DEMO_TOKENS)")  # fmt: skip
+    sv.add_argument("--ice-servers", type=json.loads, default=None,
+                    help='WebRTC STUN/TURN servers as JSON, e.g. \'[{"urls": "turn:host:3478", "username": "u", '
+                         '"credential": "p"}]\' (OMNIVOX_ICE_SERVERS; default none: host candidates only)')  # fmt: skip
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the upstream layout")
@@ -431,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--speculate", default="off,0",
                     help="speculative encode + prefill side by side: 'off' and/or the ms of silence after "
                          "which it starts (comma-separated)")  # fmt: skip
+    bl.add_argument("--transport", default=None,
+                    help="through a real server instead, side by side: 'websocket,webrtc' (either or both); "
+                         "time to first audio and command barge-in as the client sees them")  # fmt: skip
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
     bi = bsub.add_parser("image", help="Mini-Omni2 image turns: CLIP encode, prefill, first audio")

@@ -173,7 +173,7 @@ def test_a_turn_that_is_not_answered_at_once_drops_the_speculation() -> None:
     for ending in ("no_create", "commit", "clear", "update"):
         td = TurnDetection(create_response=ending != "no_create")
         s = Session(SessionConfig(input_sample_rate=16000, turn_detection=td))
-        speak(s, SPEECH + [0.0], now=0.0)
+        speak(s, [*SPEECH, 0.0], now=0.0)
         spec = [w for w in s.take_work() if isinstance(w, StartResponse)]
         if ending == "no_create":
             assert spec == []  # nothing to speculate on

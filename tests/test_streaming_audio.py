@@ -95,7 +95,30 @@ def test_decoder_keeps_only_its_context(codec: SnacCodec) -> None:
     dec = StreamingSnacDecoder(codec, 4096)
     for f in _frames(40).tolist():
         dec.push(f)
-    assert len(dec._frames) <= 3 + 1 + 3
+    assert len(dec._frames) <= dec.span - 1 + dec.max_chunk + dec.lookahead  # context + what waits
+
+
+@pytest.mark.parametrize("n", [5, 11, 40])
+def test_windows_have_one_size_once_there_are_enough_frames(codec: SnacCodec, n: int) -> None:
+    """oneDNN builds kernels per input shape: every window (the final ones too) is `span`
+    frames once the answer has that many, and the stream still equals the one-shot decode."""
+    dec = StreamingSnacDecoder(codec, 4096, chunk_frames=1, max_chunk_frames=4)
+    sizes: list[tuple[int, int]] = []  # (frames available, window size)
+    out = []
+    frames = _frames(n)
+    for i, f in enumerate(frames.tolist()):
+        dec.add(f)
+        while (w := dec.ready_window()) is not None:
+            sizes.append((i + 1, w.size))
+            out.append(w.take(codec.decode(w.frames())))
+    while (w := dec.ready_window(final=True)) is not None:
+        sizes.append((n, w.size))
+        out.append(w.take(codec.decode(w.frames())))
+    assert all(size == dec.span for available, size in sizes if available >= dec.span)
+    assert all(size == available for available, size in sizes if available < dec.span)
+    ref = codec.decode(frames)
+    streamed = np.concatenate(out)
+    assert streamed.shape == ref.shape and np.max(np.abs(streamed - ref)) <= 1e-3 * np.max(np.abs(ref))
 
 
 def test_pcm16_decoding_and_errors() -> None:

@@ -24,7 +24,7 @@ const stats = (window.omnivoxStats = {
   transport: null, // "webrtc" or "websocket", once connected
   credential: null, // where the secret came from: "demo", "settings" or "none"
   fallbacks: [], // why WebRTC was given up for the WebSocket
-  audioUnlocked: false, marks: [], outputBuffer: [], // output_audio_buffer.* events seen (WebRTC)
+  extensions: false, audioUnlocked: false, marks: [], outputBuffer: [], // output_audio_buffer.* events seen (WebRTC)
 });
 const MAX_IMAGE_SIDE = 1024; // pictures are re-encoded as JPEG at most this large (CLIP sees 224 px)
 
@@ -250,7 +250,6 @@ function measureStops(now) {
     else if (now - m.t > STOP_GIVE_UP_MS) m.stopMs = null;
     else continue;
     stats.marks[m.index].stopMs = m.stopMs;
-    stats.marks[m.index].label = m.label;
   }
 }
 
@@ -359,6 +358,7 @@ function onEvent(ev) {
   switch (ev.type) {
     case "session.created": {
       stats.sessionCreated = true;
+      stats.extensions = !!ev.session.omnivox; // an omnivox server: our session.update turns them on
       stats.demo = !!(ev.session.omnivox && ev.session.omnivox.demo_checkpoint);
       $("demo").hidden = !stats.demo;
       stats.imagesAccepted = !!(ev.session.omnivox && ev.session.omnivox.images);
@@ -383,8 +383,9 @@ function onEvent(ev) {
     case "input_audio_buffer.speech_started":
       stats.speechStarted += 1;
       timeline.speechStarted(t);
-      // Speech while the answer sounds is a barge-in (the server sends it for an interrupt).
-      if (assistantActive(t)) markInterrupt("barge-in");
+      // An omnivox server names its interrupts (omnivox.interrupt, right after this event); for
+      // any other server, speech_started while the answer sounds is the barge-in.
+      if (!stats.extensions && t - lastAudibleAt < 150) markInterrupt("barge-in");
       stopPlayback("speech_started");
       current = null;
       setStatus("listening...", "live");
@@ -438,18 +439,11 @@ function onEvent(ev) {
     case "output_audio_buffer.cleared":
       stats.outputBuffer.push(ev.type.slice("output_audio_buffer.".length));
       break;
-    case "omnivox.interrupt": {
+    case "omnivox.interrupt":
       stats.interrupts += 1;
-      // Name the barge-in mark of this interrupt's speech_started with what the server heard.
-      const recent = timeline.marks.filter((m) => m.label === "barge-in" && t - m.t < 1000).pop();
-      const label = ev.phrase || "barge-in";
-      if (recent) {
-        recent.label = label;
-        stats.marks[recent.index].label = label;
-      } else markInterrupt(label);
+      markInterrupt(ev.phrase || "barge-in"); // the phrase heard; "" in interrupt mode vad
       stopPlayback("interrupt");
       break;
-    }
     case "response.done": {
       const r = ev.response;
       responseActive = false;

@@ -409,6 +409,7 @@ function onEvent(ev) {
     case "response.created":
       stats.responses += 1;
       responseActive = true;
+      timeline.speechStopped(t); // answering: the user's turn is over (if its end went unreported)
       current = { responseId: ev.response.id, itemId: null, el: addLine("assistant", ""),
                   playedAtStart: stats.playedSamples, sentSamples: 0, firstAudio: false, createdAt: t };
       $("cancel").disabled = false;

@@ -4,7 +4,7 @@
 
 export const WINDOW_MS = 10000;
 
-const COLORS = { you: "#38f", turn: "#38f3", omni: "#2a4", mark: "#d22", text: "#888" };
+const COLORS = { you: "#38f", turn: "#38f3", omni: "#2a4", mark: "#d22", text: "#666", label: "#fffc" };
 
 export class Timeline {
   constructor(canvas) {
@@ -19,7 +19,10 @@ export class Timeline {
   micLevel(v) { this.mic = Math.max(this.mic, v); }
   outLevel(v) { this.out = Math.max(this.out, v); }
 
-  speechStarted(t) { this.turns.push({ start: t, end: null }); }
+  speechStarted(t) {
+    this.speechStopped(t); // a turn the server never closed (an interrupt's command) ends here
+    this.turns.push({ start: t, end: null });
+  }
   speechStopped(t) {
     const last = this.turns[this.turns.length - 1];
     if (last && last.end === null) last.end = t;
@@ -62,9 +65,12 @@ export class Timeline {
       g.fillRect(x(s.t) - bar, lane + gap, bar, out);
     }
     g.font = `${11 * dpr}px system-ui, sans-serif`;
-    g.fillStyle = COLORS.text;
-    g.fillText("you", 3 * dpr, 12 * dpr);
-    g.fillText("omni", 3 * dpr, lane + gap + 12 * dpr);
+    for (const [text, y] of [["you", 12 * dpr], ["omni", lane + gap + 12 * dpr]]) {
+      g.fillStyle = COLORS.label;
+      g.fillRect(dpr, y - 10 * dpr, g.measureText(text).width + 4 * dpr, 13 * dpr);
+      g.fillStyle = COLORS.text;
+      g.fillText(text, 3 * dpr, y);
+    }
     for (let s = Math.ceil((now - WINDOW_MS) / 1000) * 1000; s <= now; s += 1000) g.fillRect(x(s), h - 3 * dpr, dpr, 3 * dpr);
     for (const m of this.marks) {
       const mx = x(m.t);

@@ -301,14 +301,21 @@ function setImagesEnabled(on) {
   $("picture").disabled = !on;
 }
 
-// Any drawable (video frame, decoded picture) -> a JPEG data URL no larger than MAX_IMAGE_SIDE.
+// Any drawable (video frame, decoded picture) -> a JPEG data URL no larger than MAX_IMAGE_SIDE,
+// smaller when the transport limits a message's size (a WebRTC data channel: often 64 KiB).
 function toJpegDataUrl(source, width, height) {
-  const scale = Math.min(1, MAX_IMAGE_SIDE / Math.max(width, height));
-  const canvas = document.createElement("canvas");
-  canvas.width = Math.max(1, Math.round(width * scale));
-  canvas.height = Math.max(1, Math.round(height * scale));
-  canvas.getContext("2d").drawImage(source, 0, 0, canvas.width, canvas.height);
-  return canvas.toDataURL("image/jpeg", 0.9);
+  const limit = (conn && conn.maxMessageBytes) || Infinity;
+  let url = "";
+  for (const [side, quality] of [[MAX_IMAGE_SIDE, 0.9], [768, 0.8], [512, 0.75], [384, 0.7], [256, 0.6]]) {
+    const scale = Math.min(1, side / Math.max(width, height));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(width * scale));
+    canvas.height = Math.max(1, Math.round(height * scale));
+    canvas.getContext("2d").drawImage(source, 0, 0, canvas.width, canvas.height);
+    url = canvas.toDataURL("image/jpeg", quality);
+    if (url.length + 1024 <= limit) break; // room for the rest of the event
+  }
+  return url;
 }
 
 // OpenAI Realtime's way to send an image: a user message with an input_image data URL.
@@ -531,7 +538,7 @@ async function openWebRTC(secret, me) {
   if (typeof RTCPeerConnection === "undefined") throw new Error("this browser has no WebRTC");
   const pc = new RTCPeerConnection();
   const dc = pc.createDataChannel("oai-events");
-  const t = { kind: "webrtc", close: () => { dc.close(); pc.close(); },
+  const t = { kind: "webrtc", maxMessageBytes: 65536, close: () => { dc.close(); pc.close(); },
               send: (ev) => { if (dc.readyState === "open") dc.send(JSON.stringify(ev)); } };
   conn = t; // events can arrive as soon as the channel opens
   dc.onmessage = (m) => { if (conn === t) onEvent(JSON.parse(m.data)); };
@@ -547,6 +554,7 @@ async function openWebRTC(secret, me) {
     if (res.status !== 201 && res.status !== 200) throw new Error(`POST /v1/realtime/calls answered ${res.status}`);
     await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
     await waitOpen(dc, pc, CONNECT_TIMEOUT_MS);
+    if (pc.sctp && pc.sctp.maxMessageSize) t.maxMessageBytes = pc.sctp.maxMessageSize; // what both ends accept
   } catch (err) {
     t.close();
     if (conn === t) conn = null;

@@ -166,6 +166,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_sessions": args.max_sessions,
         "max_new_tokens": args.max_new_tokens,
         "allow_unauthenticated": args.allow_unauthenticated or None,
+        "demo_tokens": args.demo_tokens or None,
+        "ice_servers": args.ice_servers,
     }
     settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     has_ckpt = settings.checkpoint_dir is not None or settings.checkpoint is not None
@@ -393,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
     sv.add_argument("--max-sessions", type=int, default=None, help="concurrent session slots (default 8)")
     sv.add_argument("--max-new-tokens", type=int, default=None, help="decode-step budget per answer")
+    sv.add_argument("--demo-tokens", action="store_true",
+                    help="POST /v1/demo/client_secret mints short-lived client secrets with no auth (demos only; "
+                         "OMNIVOX_DEMO_TOKENS)")  # fmt: skip
+    sv.add_argument("--ice-servers", type=json.loads, default=None,
+                    help='WebRTC STUN/TURN servers as JSON, e.g. \'[{"urls": "turn:host:3478", "username": "u", '
+                         '"credential": "p"}]\' (OMNIVOX_ICE_SERVERS; default none: host candidates only)')  # fmt: skip
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the upstream layout")

@@ -488,6 +488,12 @@ class ResponseCancel(_Event):
     response_id: ItemId | None = None
 
 
+class OutputAudioClear(_Event):
+    """WebRTC only: cut off the answer's audio the server is playing out."""
+
+    type: Literal["output_audio_buffer.clear"]
+
+
 class Playback(_Event):
     type: Literal["omnivox.playback"]
     item_id: ItemId
@@ -505,6 +511,7 @@ ClientEvent = Annotated[
     | ResponseCreate
     | ResponseCancel
     | ItemTruncate
+    | OutputAudioClear
     | Playback,
     Field(discriminator="type"),
 ]
@@ -520,6 +527,7 @@ KNOWN_TYPES = {
     "response.create",
     "response.cancel",
     "conversation.item.truncate",
+    "output_audio_buffer.clear",
     "omnivox.playback",
 }
 

@@ -21,10 +21,9 @@ import logging
 import struct
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
-
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from model.codec import SNAC_SAMPLE_RATE
 from model.vision import NO_IMAGES, ImageError, image_pixels
@@ -52,6 +51,7 @@ from streaming.g711 import G711Encoder
 from streaming.runner import SERVER_ERROR_MESSAGE
 from streaming.session import ACTIVE_RESPONSE, Session, active_response_message
 
+from .playout import Played, PlayoutEvent, Started, Stopped
 from .protocol import (
     AudioAppend,
     AudioClear,
@@ -65,18 +65,21 @@ from .protocol import (
     ItemReference,
     ItemRetrieve,
     ItemTruncate,
+    OutputAudioClear,
     Playback,
     ProtocolError,
     ResponseCancel,
     ResponseCreate,
     SemanticVadIn,
     ServerVadIn,
+    SessionIn,
     SessionUpdate,
     decode_audio,
     decode_image_url,
     error_event,
     parse_client_event,
 )
+from .transport import MEDIA_INPUT_RATE, MediaAudio, Transport
 
 if TYPE_CHECKING:
     from .app import Engine
@@ -112,6 +115,155 @@ class _ResponseOptions:
     in_conversation: bool
 
 
+def _default_echo() -> dict[str, Any]:
+    return {  # accepted session fields that change nothing here, echoed as sent
+        "tools": [],
+        "tool_choice": "auto",
+        "max_output_tokens": "inf",
+        "voice": "omni",
+        "speed": 1.0,
+        "noise_reduction": None,
+        "transcription": None,
+    }
+
+
+@dataclass(frozen=True)
+class SessionFields:
+    """A session's configuration as the client sees it: the streaming config plus what only
+    the wire knows. Pure data, so a client secret's config can be checked and shown before any
+    session exists."""
+
+    config: SessionConfig
+    instructions: str = ""
+    output_format: str = "audio/pcm"
+    binary_audio: bool = False
+    extensions: bool = False  # omnivox.* events only for a client that asked (any `omnivox` in session.update)
+    echo: Mapping[str, Any] = field(default_factory=_default_echo)
+
+
+def initial_fields(engine: Engine) -> SessionFields:
+    return SessionFields(SessionConfig(max_new_tokens=engine.settings.max_new_tokens))
+
+
+def apply_session(fields: SessionFields, sess: SessionIn, event_id: str | None = None) -> SessionFields:
+    """`session.update`'s `session` applied as a whole, or ProtocolError and nothing applied."""
+    cfg = fields.config
+    new: dict[str, Any] = {}
+    echo = dict(fields.echo)
+    output_format = fields.output_format
+    if sess.output_modalities is not None:
+        new["output_modalities"] = tuple(sess.output_modalities)
+    for name in ("tools", "tool_choice", "max_output_tokens"):
+        if name in sess.model_fields_set:
+            echo[name] = getattr(sess, name)
+    if sess.max_output_tokens is not None:
+        new["max_new_tokens"] = None if sess.max_output_tokens == "inf" else sess.max_output_tokens
+    audio = sess.audio
+    if audio is not None and audio.input is not None:
+        inp = audio.input
+        if inp.format is not None:
+            new["input_format"] = inp.format.type
+            new["input_sample_rate"] = inp.format.sample_rate
+        if "turn_detection" in inp.model_fields_set:
+            new["turn_detection"] = _turn_detection(inp.turn_detection)
+        if "transcription" in inp.model_fields_set:
+            new["transcribe_input"] = inp.transcription is not None
+            echo["transcription"] = None if inp.transcription is None else {
+                **inp.transcription.model_dump(exclude_none=True), "model": ASR_MODEL_NAME}  # fmt: skip
+        if "noise_reduction" in inp.model_fields_set:
+            echo["noise_reduction"] = None if inp.noise_reduction is None else inp.noise_reduction.model_dump()
+    if audio is not None and audio.output is not None:
+        out = audio.output
+        if out.format is not None:
+            if out.format.type == "audio/pcm" and out.format.sample_rate != OUTPUT_RATE:
+                raise ProtocolError("invalid_event", "output audio/pcm is 24000 Hz (SNAC's rate)",
+                                    "session.audio.output.format.rate", event_id)  # fmt: skip
+            output_format = out.format.type
+        if out.voice is not None:
+            echo["voice"] = out.voice
+        if out.speed is not None:
+            echo["speed"] = out.speed
+    if sess.omnivox is not None:
+        o = sess.omnivox
+        if o.interrupt_mode is not None:
+            new["interrupt_mode"] = InterruptMode(o.interrupt_mode)
+        if o.interrupt_phrases is not None:
+            new["interrupt_phrases"] = tuple(o.interrupt_phrases)
+        if o.max_audio_lead_ms is not None:
+            new["max_audio_lead_ms"] = float(o.max_audio_lead_ms)
+        if "first_chunk_lookahead_frames" in o.model_fields_set:
+            new["first_chunk_lookahead_frames"] = o.first_chunk_lookahead_frames
+    try:
+        config: SessionConfig = cfg.replace(**new)
+    except ValueError as e:
+        raise ProtocolError("invalid_event", str(e), "session", event_id) from None
+    return replace(
+        fields,
+        config=config,
+        # Mini-Omni has no system prompt: instructions are kept and reported only.
+        instructions=sess.instructions if sess.instructions is not None else fields.instructions,
+        output_format=output_format,
+        binary_audio=(
+            sess.omnivox.binary_audio
+            if sess.omnivox is not None and sess.omnivox.binary_audio is not None
+            else fields.binary_audio
+        ),
+        extensions=fields.extensions or "omnivox" in sess.model_fields_set,
+        echo=echo,
+    )
+
+
+def session_view(fields: SessionFields, session_id: str, engine: Engine) -> dict[str, Any]:
+    """The session object of session.created / session.updated (and of a client secret)."""
+    cfg = fields.config
+    td = cfg.turn_detection
+    turn: dict[str, Any] | None
+    if td is None:
+        turn = None
+    elif td.semantic:
+        turn = {"type": "semantic_vad", "eagerness": td.eagerness, "create_response": td.create_response,
+                "interrupt_response": td.interrupt_response}  # fmt: skip
+    else:
+        turn = {"type": "server_vad", "threshold": td.threshold, "prefix_padding_ms": td.prefix_padding_ms,
+                "silence_duration_ms": td.silence_duration_ms, "idle_timeout_ms": td.idle_timeout_ms,
+                "create_response": td.create_response, "interrupt_response": td.interrupt_response}  # fmt: skip
+    e = fields.echo
+    return {
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": session_id,
+        "model": engine.model.config.name,
+        "output_modalities": list(cfg.output_modalities),
+        "instructions": fields.instructions,
+        "audio": {
+            "input": {
+                "format": _format_view(cfg.input_format, cfg.input_sample_rate),
+                "turn_detection": turn,
+                "transcription": e["transcription"],
+                "noise_reduction": e["noise_reduction"],
+            },
+            "output": {
+                "format": _format_view(fields.output_format, OUTPUT_RATE),
+                "voice": e["voice"],
+                "speed": e["speed"],
+            },
+        },
+        "tools": e["tools"],
+        "tool_choice": e["tool_choice"],
+        "max_output_tokens": e["max_output_tokens"],
+        "omnivox": {
+            "interrupt_mode": cfg.interrupt_mode.value,
+            "interrupt_phrases": list(cfg.interrupt_phrases),
+            "binary_audio": fields.binary_audio,
+            "max_audio_lead_ms": cfg.max_audio_lead_ms,
+            "first_chunk_lookahead_frames": cfg.first_chunk_lookahead_frames,
+            "demo_checkpoint": engine.demo,
+            "model_family": engine.model.family,
+            "images": engine.model.takes_images,  # input_image accepted (Mini-Omni2)
+        },
+    }
+
+
 class _ConnectionDriver(Driver):
     """The end-of-turn model runs in a worker thread; its score comes back like every answer."""
 
@@ -122,8 +274,14 @@ class _ConnectionDriver(Driver):
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, engine: Engine, session_id: str) -> None:
-        self.ws = ws
+    """One realtime session over one transport. `initial`: session configs applied, in order,
+    before session.created (a client secret's, a WebRTC call's form field); checked already."""
+
+    def __init__(
+        self, transport: Transport, engine: Engine, session_id: str, initial: Sequence[SessionIn] = ()
+    ) -> None:
+        self.transport = transport
+        self.player = transport.player
         self.engine = engine
         settings = engine.settings
         self.session_id = session_id
@@ -135,7 +293,7 @@ class Connection:
             recognizer=engine.recognizer is not None,
             turn_model=engine.turn_model is not None,
         )
-        self.front = AudioFrontEnd(engine.vad, self.session.config)
+        self.front = self._front_end(self.session.config)
         # Answers from the runner/recognizer/turn-model threads; bounded by the runner's
         # unacknowledged-event limit and the recognizer's job list.
         self._answers: asyncio.Queue[Answer] = asyncio.Queue()
@@ -155,18 +313,16 @@ class Connection:
         self._assistant_items: OrderedDict[str, _ResponseState] = OrderedDict()
         self.extensions = False  # omnivox.* events only for a client that asked (any `omnivox` in session.update)
         self.output_format = "audio/pcm"
-        self._echo: dict[str, Any] = {  # accepted session fields that change nothing here, echoed as sent
-            "tools": [],
-            "tool_choice": "auto",
-            "max_output_tokens": "inf",
-            "voice": "omni",
-            "speed": 1.0,
-            "noise_reduction": None,
-            "transcription": None,
-        }
+        self._echo: dict[str, Any] = _default_echo()
         self._on_event = engine.on_event
         self._closing = False
         self._cut_off: asyncio.Task[None] | None = None
+        fields = self._fields()
+        for sess in initial:
+            fields = apply_session(fields, sess)
+        self._apply(fields)
+        if self.player is not None:
+            self.player.listen(self._on_playout)
 
     # ---------------- lifecycle ----------------
 
@@ -199,21 +355,20 @@ class Connection:
             return
         self._closing = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code=code, reason=reason), self._send_timeout_s)
+            await asyncio.wait_for(self.transport.close(code, reason), self._send_timeout_s)
 
     async def _receiver(self) -> None:
         while not self._closing:
-            try:
-                message = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            if message["type"] == "websocket.disconnect":
+            message = await self.transport.receive()
+            if message is None:
                 return
             try:
-                if message.get("bytes") is not None:
-                    await self._on_binary(message["bytes"])
-                elif message.get("text") is not None:
-                    await self._on_text(message["text"])
+                if isinstance(message, MediaAudio):
+                    await self._append(message.pcm)
+                elif isinstance(message, bytes):
+                    await self._on_binary(message)
+                else:
+                    await self._on_text(message)
             except Exception:  # ours, not the client's: the event fails, the session lives
                 log.exception("session %s: handling a client frame failed", self.session_id)
                 self._send(error_event(ProtocolError("server_error", SERVER_ERROR_MESSAGE, error_type="server_error"),
@@ -228,9 +383,9 @@ class Connection:
             self._sending_since = time.monotonic()
             try:
                 if isinstance(item, bytes):
-                    await self.ws.send_bytes(item)
+                    await self.transport.send_bytes(item)
                 else:
-                    await self.ws.send_text(item)
+                    await self.transport.send_text(item)
             except Exception:
                 return
             finally:
@@ -313,60 +468,18 @@ class Connection:
         # The close frame waits behind what the client has not read; if it never reads again, the
         # handler ends anyway and the server drops the connection.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code=1008, reason="the client is not reading"), self._send_timeout_s)
+            await asyncio.wait_for(self.transport.close(1008, "the client is not reading"), self._send_timeout_s)
 
     def _error(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
         kind = "server_error" if code == "server_error" else "invalid_request_error"  # whose fault, as OpenAI
         self._send(error_event(ProtocolError(code, message, param, event_id, error_type=kind), self._new_event_id()))
 
+    def _fields(self) -> SessionFields:
+        return SessionFields(self.session.config, self.instructions, self.output_format, self.binary_audio,
+                             self.extensions, self._echo)  # fmt: skip
+
     def session_view(self) -> dict[str, Any]:
-        cfg = self.session.config
-        td = cfg.turn_detection
-        turn: dict[str, Any] | None
-        if td is None:
-            turn = None
-        elif td.semantic:
-            turn = {"type": "semantic_vad", "eagerness": td.eagerness, "create_response": td.create_response,
-                    "interrupt_response": td.interrupt_response}  # fmt: skip
-        else:
-            turn = {"type": "server_vad", "threshold": td.threshold, "prefix_padding_ms": td.prefix_padding_ms,
-                    "silence_duration_ms": td.silence_duration_ms, "idle_timeout_ms": td.idle_timeout_ms,
-                    "create_response": td.create_response, "interrupt_response": td.interrupt_response}  # fmt: skip
-        e = self._echo
-        return {
-            "type": "realtime",
-            "object": "realtime.session",
-            "id": self.session_id,
-            "model": self.model_name,
-            "output_modalities": list(cfg.output_modalities),
-            "instructions": self.instructions,
-            "audio": {
-                "input": {
-                    "format": _format_view(cfg.input_format, cfg.input_sample_rate),
-                    "turn_detection": turn,
-                    "transcription": e["transcription"],
-                    "noise_reduction": e["noise_reduction"],
-                },
-                "output": {
-                    "format": _format_view(self.output_format, OUTPUT_RATE),
-                    "voice": e["voice"],
-                    "speed": e["speed"],
-                },
-            },
-            "tools": e["tools"],
-            "tool_choice": e["tool_choice"],
-            "max_output_tokens": e["max_output_tokens"],
-            "omnivox": {
-                "interrupt_mode": cfg.interrupt_mode.value,
-                "interrupt_phrases": list(cfg.interrupt_phrases),
-                "binary_audio": self.binary_audio,
-                "max_audio_lead_ms": cfg.max_audio_lead_ms,
-                "first_chunk_lookahead_frames": cfg.first_chunk_lookahead_frames,
-                "demo_checkpoint": self.demo,
-                "model_family": self.engine.model.family,
-                "images": self.engine.model.takes_images,  # input_image accepted (Mini-Omni2)
-            },
-        }
+        return session_view(self._fields(), self.session_id, self.engine)
 
     # ---------------- the conversation ----------------
 
@@ -441,6 +554,7 @@ class Connection:
         elif isinstance(event, ResponseDone):
             self._response_done(event)
         elif isinstance(event, Interrupted):
+            self._clear_playout()
             self._on_event("interrupt", self.session.config.interrupt_mode.value)
             if self.extensions:
                 self._send({"type": "omnivox.interrupt", "response_id": event.response_id, "phrase": event.phrase,
@@ -510,6 +624,11 @@ class Connection:
         st = self._responses.get(event.response_id)
         if st is None:
             return
+        if self.player is not None:  # WebRTC: on the media track, not in events (as OpenAI)
+            if self.player.response_id not in (None, st.response_id):
+                self._clear_playout()  # a new answer replaces the tail of the last one
+            self.player.push(st.response_id, event.pcm)
+            return
         self._send_audio(st, event.pcm if st.encoder is None else st.encoder.encode(event.pcm), event.seq)
 
     def _send_audio(self, st: _ResponseState, data: bytes, seq: int) -> None:
@@ -528,6 +647,11 @@ class Connection:
             return
         # What the client received (the session's count): the item keeps it.
         st.transcript, st.audio_ms = event.transcript, event.audio_ms
+        if self.player is not None and self.player.response_id == st.response_id:
+            if event.status == "cancelled":
+                self._clear_playout(st)
+            else:
+                self.player.end(st.response_id)  # output_audio_buffer.stopped once it has played
         if st.truncated_at_ms is not None:
             self._cut_transcript(st, st.truncated_at_ms)
         where = self._where(st)
@@ -569,6 +693,35 @@ class Connection:
             response["omnivox"] = {**event.timings, "audio_ms": round(st.audio_ms, 1), "task": st.task}
         self._send({"type": "response.done", "response": response})
         self._on_event("response_done", event)
+
+    # ---------------- output audio on a media track (WebRTC) ----------------
+
+    def _clear_playout(self, st: _ResponseState | None = None) -> None:
+        """Drop the queued audio at once; the answer keeps what was played of it."""
+        if self.player is None:
+            return
+        played = self.player.clear()
+        if played is None:
+            return
+        st = st or self._responses.get(played.response_id)
+        if st is not None and st.truncated_at_ms is None:
+            st.truncated_at_ms = played.played_ms  # applied to the transcript when it ends
+        self._send({"type": "output_audio_buffer.cleared", "response_id": played.response_id})
+
+    def _on_playout(self, event: PlayoutEvent) -> None:
+        """From the media track's clock, on the event loop: what the peer has been sent to play."""
+        if self._closing:
+            return
+        if isinstance(event, Started):
+            self._send({"type": "output_audio_buffer.started", "response_id": event.response_id})
+        elif isinstance(event, Stopped):
+            self._send({"type": "output_audio_buffer.stopped", "response_id": event.response_id})
+        elif isinstance(event, Played):
+            r = self.session.response
+            # Only while the answer runs: after its end the session already counts the whole of it.
+            if r is not None and r.response_id == event.response_id:
+                self.session.report_playback(event.played_ms, time.monotonic())
+                self._flush()
 
     def _previous_of(self, item_id: str) -> str | None:
         before = None
@@ -644,75 +797,40 @@ class Connection:
                 raise ProtocolError("response_cancel_not_active", "Cancellation failed: no active response found",
                                     None, ev.event_id)  # fmt: skip
             s.cancel_response("client_cancelled")
+            self._clear_playout()
+        elif isinstance(ev, OutputAudioClear):
+            if self.player is None:
+                raise ProtocolError("invalid_event", "output_audio_buffer.clear is for WebRTC calls only", "type",
+                                    ev.event_id)  # fmt: skip
+            # As OpenAI: the audio stops, and so does its generation.
+            if s.responding is not None:
+                s.cancel_response("client_cancelled")
+            self._clear_playout()
         elif isinstance(ev, ItemTruncate):
             self._truncate(ev)
         elif isinstance(ev, Playback):
             s.report_playback(ev.played_ms, now)
 
     def _update(self, ev: SessionUpdate) -> None:
-        cfg = self.session.config
-        new: dict[str, Any] = {}
-        sess = ev.session
-        echo = dict(self._echo)
-        output_format = self.output_format
-        if sess.output_modalities is not None:
-            new["output_modalities"] = tuple(sess.output_modalities)
-        for name in ("tools", "tool_choice", "max_output_tokens"):
-            if name in sess.model_fields_set:
-                echo[name] = getattr(sess, name)
-        if sess.max_output_tokens is not None:
-            new["max_new_tokens"] = None if sess.max_output_tokens == "inf" else sess.max_output_tokens
-        audio = sess.audio
-        if audio is not None and audio.input is not None:
-            inp = audio.input
-            if inp.format is not None:
-                new["input_format"] = inp.format.type
-                new["input_sample_rate"] = inp.format.sample_rate
-            if "turn_detection" in inp.model_fields_set:
-                new["turn_detection"] = _turn_detection(inp.turn_detection)
-            if "transcription" in inp.model_fields_set:
-                new["transcribe_input"] = inp.transcription is not None
-                echo["transcription"] = None if inp.transcription is None else {
-                    **inp.transcription.model_dump(exclude_none=True), "model": ASR_MODEL_NAME}  # fmt: skip
-            if "noise_reduction" in inp.model_fields_set:
-                echo["noise_reduction"] = None if inp.noise_reduction is None else inp.noise_reduction.model_dump()
-        if audio is not None and audio.output is not None:
-            out = audio.output
-            if out.format is not None:
-                if out.format.type == "audio/pcm" and out.format.sample_rate != OUTPUT_RATE:
-                    raise ProtocolError("invalid_event", "output audio/pcm is 24000 Hz (SNAC's rate)",
-                                        "session.audio.output.format.rate", ev.event_id)  # fmt: skip
-                output_format = out.format.type
-            if out.voice is not None:
-                echo["voice"] = out.voice
-            if out.speed is not None:
-                echo["speed"] = out.speed
-        if sess.omnivox is not None:
-            o = sess.omnivox
-            if o.interrupt_mode is not None:
-                new["interrupt_mode"] = InterruptMode(o.interrupt_mode)
-            if o.interrupt_phrases is not None:
-                new["interrupt_phrases"] = tuple(o.interrupt_phrases)
-            if o.max_audio_lead_ms is not None:
-                new["max_audio_lead_ms"] = float(o.max_audio_lead_ms)
-            if "first_chunk_lookahead_frames" in o.model_fields_set:
-                new["first_chunk_lookahead_frames"] = o.first_chunk_lookahead_frames
-        try:
-            config: SessionConfig = cfg.replace(**new)
-        except ValueError as e:
-            raise ProtocolError("invalid_event", str(e), "session", ev.event_id) from None
-        # Accepted as a whole: nothing above changes the session before the update is known valid.
-        if "omnivox" in sess.model_fields_set:
-            self.extensions = True
-        if sess.instructions is not None:
-            self.instructions = sess.instructions  # Mini-Omni has no system prompt: kept and reported only
-        if sess.omnivox is not None and sess.omnivox.binary_audio is not None:
-            self.binary_audio = sess.omnivox.binary_audio
-        self._echo = echo
-        self.output_format = output_format
-        if self.session.update(config):
-            self.front = AudioFrontEnd(self.engine.vad, config)  # the input starts afresh
+        self._apply(apply_session(self._fields(), ev.session, ev.event_id))
         self._send({"type": "session.updated", "session": self.session_view()})
+
+    def _apply(self, fields: SessionFields) -> None:
+        # Accepted as a whole: nothing changes the session before the update is known valid.
+        self.extensions = fields.extensions
+        self.instructions = fields.instructions
+        self.binary_audio = fields.binary_audio
+        self._echo = dict(fields.echo)
+        self.output_format = fields.output_format
+        if self.session.update(fields.config):
+            self.front = self._front_end(fields.config)  # the input starts afresh
+
+    def _front_end(self, config: SessionConfig) -> AudioFrontEnd:
+        if self.player is not None:
+            # A media track's audio comes resampled to 24 kHz PCM16, whatever the session's
+            # input format says (that one is for input_audio_buffer.append).
+            config = config.replace(input_format="audio/pcm", input_sample_rate=MEDIA_INPUT_RATE)
+        return AudioFrontEnd(self.engine.vad, config)
 
     async def _item_create(self, ev: ItemCreate) -> None:
         item = ev.item
@@ -774,7 +892,9 @@ class Connection:
                                         event_id)  # fmt: skip
                 data = decode_audio(part.audio, event_id, even=self.session.config.input_format == "audio/pcm")
                 try:
-                    audio16 = await asyncio.to_thread(self.front.whole, data)
+                    # A call's stream front end takes the track's rate; a message is in the session's format.
+                    front = self.front if self.player is None else AudioFrontEnd(self.engine.vad, self.session.config)
+                    audio16 = await asyncio.to_thread(front.whole, data)
                 except InvalidAudio as e:
                     raise ProtocolError("invalid_audio", str(e), f"item.content.{i}.audio", event_id) from None
                 item_id = self.session.add_audio(audio16, item_id)

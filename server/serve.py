@@ -12,7 +12,7 @@ import uvicorn
 
 from model.omni import OmniModel
 
-from .app import Engine, create_app
+from .app import Engine, create_app, startup_warnings
 from .settings import ServerSettings
 
 log = logging.getLogger("omnivox.server")
@@ -115,6 +115,8 @@ def start_in_thread(engine: Engine, timeout_s: float = 60.0) -> tuple[OmnivoxSer
 
 def serve(settings: ServerSettings, demo_checkpoint: str | None) -> int:
     check_settings(settings)
+    for warning in startup_warnings(settings):
+        log.warning(warning)
     engine = build_engine(settings, demo_checkpoint)
     server = make_server(engine)
     try:

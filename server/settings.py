@@ -5,8 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class IceServer(BaseModel):
+    """One STUN/TURN server for WebRTC calls, as the browser's RTCIceServer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    urls: str | list[str]
+    username: str | None = None
+    credential: str | None = None
 
 
 class ServerSettings(BaseSettings):
@@ -34,6 +44,18 @@ class ServerSettings(BaseSettings):
     web_dir: Path | None = None  # default: clients/web of this checkout
     shutdown_timeout_s: float = Field(5.0, ge=0.1)
     log_level: str = "info"
+    # Client secrets (POST /v1/realtime/client_secrets): at most this many unused ones live at once;
+    # beyond that (after dropping the expired) a mint answers 429.
+    max_client_secrets: int = Field(1024, ge=1, le=1_000_000)
+    # POST /v1/demo/client_secret mints a short-lived secret with NO auth, for the bundled web page.
+    demo_tokens: bool = False
+    demo_token_seconds: float = Field(60.0, gt=0, le=600)
+    # WebRTC calls. ICE servers (JSON in OMNIVOX_ICE_SERVERS), e.g.
+    # [{"urls": "turn:turn.example.com:3478", "username": "u", "credential": "p"}]; none by default
+    # (host candidates only: the server must be reachable over UDP from the clients).
+    ice_servers: tuple[IceServer, ...] = ()
+    rtc_connect_timeout_s: float = Field(15.0, gt=0)  # offer answered -> events channel open
+    rtc_silence_timeout_s: float = Field(30.0, gt=0)  # no RTP from the peer this long ends the call
 
     def is_loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

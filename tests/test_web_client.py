@@ -45,12 +45,14 @@ def _quiet(s: float) -> np.ndarray:
     return np.zeros(int(s * 16000), np.float32)
 
 
-def _mic_wav(path: Path) -> None:
-    """The fake microphone: a question heard out in full; then the question again and, right
-    after the end of that turn, "stop omni" (whatever the random answer's length, it is
-    still being generated or played then). Chromium loops the file."""
+def _mic_wav(path: Path, stop_after_s: float = 0.8, lead_s: float = 1.0) -> None:
+    """The fake microphone: after `lead_s` of quiet, a question heard out in full; then the
+    question again and, `stop_after_s` after the end of that turn, "stop omni" (whatever the
+    random answer's length, it is still being generated or played then). Chromium loops the file."""
     q = fixture_audio("question")
-    audio = np.concatenate([_quiet(1.0), q, _quiet(7.0), q, _quiet(0.8), fixture_audio("stop_omni"), _quiet(5.0)])
+    audio = np.concatenate(
+        [_quiet(lead_s), q, _quiet(7.0), q, _quiet(stop_after_s), fixture_audio("stop_omni"), _quiet(5.0)]
+    )
     sf.write(str(path), audio, 16000, subtype="PCM_16")
 
 
@@ -156,6 +158,7 @@ def test_camera_snapshot_and_picture_go_with_the_next_turn(server2: Running, bro
     assert not browser.find_element(By.ID, "images").is_displayed()  # hidden until the server says images
     browser.find_element(By.ID, "start").click()
     _wait(browser, "return window.omnivoxStats.sessionCreated && window.omnivoxStats.imagesAccepted")
+    assert browser.execute_script("return window.omnivoxStats.transport") == "webrtc"  # pictures on the data channel
     assert browser.find_element(By.ID, "camera").is_displayed()
     browser.find_element(By.ID, "camera").click()
     _wait(browser, "return window.omnivoxStats.imagesSent === 1")

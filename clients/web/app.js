@@ -18,7 +18,7 @@ const $ = (id) => document.getElementById(id);
 // What tests (and curious people) can read from the console.
 const stats = (window.omnivoxStats = {
   state: "idle", sessionCreated: false, demo: null, speechStarted: 0, responses: 0, audioDeltas: 0,
-  scheduledSamples: 0, playedSamples: 0, interrupts: 0, cancelled: 0, lastTtfaMs: null, errors: [],
+  scheduledSamples: 0, playedSamples: 0, interrupts: 0, cancelled: 0, lastTtfaMs: null, ttfas: [], errors: [],
   imagesAccepted: null, imagesSent: 0, tasks: [], sessionUpdates: 0,
   turnDetection: null, // audio.input.turn_detection as the server last reported it (session.created/updated)
   transport: null, // "webrtc" or "websocket", once connected
@@ -216,6 +216,7 @@ function onOutputLevel(level) {
   if (awaitingFirstAudio && current && current.createdAt >= speechStoppedAt) {
     awaitingFirstAudio = false;
     stats.lastTtfaMs = Math.round(now - speechStoppedAt);
+    stats.ttfas.push(stats.lastTtfaMs);
     showTtfa();
     setStatus("speaking (say \"stop omni\" to interrupt)", "live");
   }
@@ -551,7 +552,9 @@ async function openWebRTC(secret, me) {
     if (secret) headers.Authorization = `Bearer ${secret}`;
     const res = await fetchWithTimeout("/v1/realtime/calls", {
       method: "POST", headers, body: pc.localDescription.sdp }, CONNECT_TIMEOUT_MS);
-    if (res.status !== 201 && res.status !== 200) throw new Error(`POST /v1/realtime/calls answered ${res.status}`);
+    if (res.status !== 201 && res.status !== 200) {
+      throw Object.assign(new Error(`POST /v1/realtime/calls answered ${res.status}`), { status: res.status });
+    }
     await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
     await waitOpen(dc, pc, CONNECT_TIMEOUT_MS);
     if (pc.sctp && pc.sctp.maxMessageSize) t.maxMessageBytes = pc.sctp.maxMessageSize; // what both ends accept
@@ -596,6 +599,7 @@ async function connect() {
       return;
     } catch (err) {
       if (me !== attempt) return;
+      if (err.status === 401) { refused(); return; } // the WebSocket would refuse it too
       stats.fallbacks.push(err.message);
       console.warn("WebRTC failed; falling back to the WebSocket:", err.message);
     }
@@ -604,6 +608,12 @@ async function connect() {
   stats.credential = cred.source;
   if (me !== attempt) return;
   openWebSocket(cred.secret);
+}
+
+// A missing or wrong key: retrying cannot help; the user fixes Settings and starts again.
+function refused() {
+  $("stop").onclick();
+  setStatus("refused: missing or wrong API key or client secret (see Settings)", "error");
 }
 
 function onTransportClosed(why) {

@@ -242,6 +242,14 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
     command = _wav_arg(args.command_wav, "stop_omni.wav", "--command-wav")
+    if args.transport:
+        from benchmarks.transport_latency import bench_transport_latency, print_transport_latency
+
+        result = bench_transport_latency(ckpt, question, command, dtype=args.dtype, runs=args.runs,
+                                         device=args.device, transports=tuple(args.transport.split(",")))  # fmt: skip
+        print_transport_latency(result)
+        _save_json(args.json, result)
+        return 0
     result = bench_latency(
         ckpt,
         question,
@@ -435,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--first-chunk-lookahead", default="exact",
                     help="start modes side by side: 'exact' (3 frames) and/or 0-2 (opt-in fast start), "
                          "comma-separated")  # fmt: skip
+    bl.add_argument("--transport", default=None,
+                    help="through a real server instead, side by side: 'websocket,webrtc' (either or both); "
+                         "time to first audio and command barge-in as the client sees them")  # fmt: skip
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
     bi = bsub.add_parser("image", help="Mini-Omni2 image turns: CLIP encode, prefill, first audio")

@@ -376,19 +376,22 @@ def create_app(engine: Engine) -> FastAPI:
             return _error(400, e.message, e.param, e.code)
         if engine.slots_free <= 0:
             return _error(503, "no session slot free")
-        session_id = new_session_id()
-        if cred.secret is not None:
-            if engine.secrets.redeem(cred.secret.value) is None:  # expired while the body came in
-                return _unauthorized("the client secret expired")
-            session_id = cred.secret.session_id
+        session_id = cred.secret.session_id if cred.secret is not None else new_session_id()
         call_id = "rtc_" + secrets.token_hex(12)
         try:
             call, answer = await open_call(engine, call_id, offer, session_id, sessions)
         except CallError as e:
-            return _error(400, str(e), "sdp")
-        if engine.slots_free <= 0:  # another session took the last slot while the answer was made
+            return _error(400, str(e), "sdp")  # the secret is not used up by a bad offer
+        # Used up only now (no await from here on): a secret that expired, or opened another
+        # session, while the answer was made opens nothing.
+        refusal = None
+        if cred.secret is not None and engine.secrets.redeem(cred.secret.value) is None:
+            refusal = _unauthorized("the client secret expired or was used meanwhile")
+        elif engine.slots_free <= 0:  # another session took the last slot meanwhile
+            refusal = _error(503, "no session slot free")
+        if refusal is not None:
             await call.transport.close()
-            return _error(503, "no session slot free")
+            return refusal
         engine.connections.add(call.conn)
         engine.calls[call_id] = call
 

@@ -117,6 +117,9 @@ def serve(settings: ServerSettings, demo_checkpoint: str | None) -> int:
     check_settings(settings)
     for warning in startup_warnings(settings):
         log.warning(warning)
+    if settings.log_level != "debug":  # aioice logs every ICE candidate pair check at INFO
+        for name in ("aioice", "aiortc"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     engine = build_engine(settings, demo_checkpoint)
     server = make_server(engine)
     try:

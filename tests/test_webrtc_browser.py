@@ -222,7 +222,11 @@ setInterval(async () => {
   const pc = transport.connectionState.peerConnection;
   if (!pc) return;
   for (const s of (await pc.getStats()).values()) {
-    if (s.type === "inbound-rtp" && s.kind === "audio") sdk.levels.push([performance.now(), s.audioLevel || 0]);
+    if (s.type !== "inbound-rtp" || s.kind !== "audio") continue;
+    sdk.levels.push([performance.now(), s.audioLevel || 0]);
+    // The browser's jitter buffer: mean delay so far and its current target, in ms.
+    const n = s.jitterBufferEmittedCount;
+    sdk.jitterMs = [Math.round((1000 * s.jitterBufferDelay) / n), Math.round((1000 * s.jitterBufferTargetDelay) / n)];
   }
 }, 50);
 session.connect({ apiKey }).then(() => { sdk.connected = true; sdk.callId = transport.callId; },
@@ -282,7 +286,10 @@ def test_openai_browser_sdk_over_webrtc(server: Running, mic_wav: Path) -> None:
         after = [lvl for t, lvl in levels if cleared["t"] + 1000 <= t <= min([*later, cleared["t"] + 3000])]
         assert after and max(after) < 0.01, after
         quiet = next(t for t, lvl in levels if t >= cleared["t"] and lvl < 0.01)
-        print(f"SDK: the received audio went quiet {round(quiet - cleared['t'])} ms after output_audio_buffer.cleared")
+        print(
+            f"SDK: the received audio went quiet {round(quiet - cleared['t'])} ms after output_audio_buffer.cleared;"
+            f" the browser's jitter buffer (mean delay, target) {browser.execute_script('return window.sdk.jitterMs')}"
+        )
         assert browser.execute_script("return window.sdk.errors") == []
 
 

@@ -84,8 +84,8 @@ def _red_pixels(driver: Any) -> int:
 def test_webrtc_turn_and_barge_in_on_a_phone(server: Running, mic_wav: Path) -> None:
     """Our page on a 390x844 touch screen: a tap starts a WebRTC call (a demo client secret, no
     key in the page), audio plays after that tap, the question is transcribed, the answer's time
-    to first audio shows, and "stop omni" stops the answer, marked on the timeline with the
-    phrase and the milliseconds the audio took to stop."""
+    to first audio shows, a tap on "Stop answer" stops it, and "stop omni" stops the next one,
+    each marked on the timeline with what stopped it and the milliseconds the audio took to stop."""
     from selenium.webdriver.common.by import By
 
     with _chromium(mic_wav, gesture_unlocks_audio=True) as browser:
@@ -112,10 +112,18 @@ def test_webrtc_turn_and_barge_in_on_a_phone(server: Running, mic_wav: Path) -> 
         assert 0 < ttfa < 10000
         print(f"WebRTC page: time to first audio {ttfa} ms")
         assert "first audio" in browser.find_element(By.ID, "ttfa").text
+        # The first answer, stopped by a tap on "Stop answer" (response.cancel + output_audio_buffer.clear).
+        _tap(browser, "cancel")
+        mark = _wait(
+            browser, "return window.omnivoxStats.marks.find(m => m.label === 'stop button' && m.stopMs !== undefined)"
+        )
+        assert mark["stopMs"] is not None and 0 <= mark["stopMs"] < 1500, mark
+        print(f"WebRTC page: the Stop button stopped the audio in {mark['stopMs']} ms")
         # "stop omni" during the second answer: marked with the phrase, the audio stops.
         mark = _wait(
             browser,
-            "return window.omnivoxStats.marks.find(m => m.label !== 'barge-in' && m.stopMs !== undefined)",
+            "return window.omnivoxStats.marks.find(m => !['barge-in', 'stop button'].includes(m.label)"
+            " && m.stopMs !== undefined)",
             timeout=60,
         )
         assert mark["label"] in DEFAULT_INTERRUPT_PHRASES, mark

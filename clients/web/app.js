@@ -259,6 +259,7 @@ setInterval(() => {
   timeline.tick(now);
   measureStops(now);
   timeline.draw(now);
+  $("cancel").disabled = !(conn && assistantActive(now)); // while an answer runs or still sounds
 }, TICK_MS);
 
 function playedMsOfCurrent() {
@@ -420,7 +421,6 @@ function onEvent(ev) {
       timeline.speechStopped(t); // answering: the user's turn is over (if its end went unreported)
       current = { responseId: ev.response.id, itemId: null, el: addLine("assistant", ""),
                   playedAtStart: stats.playedSamples, sentSamples: 0, firstAudio: false, createdAt: t };
-      $("cancel").disabled = false;
       break;
     case "response.output_item.added":
       if (current) current.itemId = ev.item.id;
@@ -456,7 +456,6 @@ function onEvent(ev) {
     case "response.done": {
       const r = ev.response;
       responseActive = false;
-      $("cancel").disabled = true;
       if (r.omnivox && r.omnivox.task) stats.tasks.push(r.omnivox.task);
       if (r.status === "cancelled") {
         stats.cancelled += 1;
@@ -661,8 +660,8 @@ $("stop").onclick = () => {
 
 $("cancel").onclick = () => {
   if (assistantActive(performance.now())) markInterrupt("stop button");
-  send({ type: "response.cancel" });
-  // As OpenAI's SDK: over WebRTC the server also drops the answer's audio not yet played.
+  if (responseActive) send({ type: "response.cancel" }); // once generated, only its playback is left
+  // As OpenAI's SDK: over WebRTC the server drops the answer's audio not yet played.
   if (conn && conn.kind === "webrtc") send({ type: "output_audio_buffer.clear" });
   stopPlayback("button");
 };

@@ -4,6 +4,9 @@
 
 export const WINDOW_MS = 10000;
 
+const MIC_SPEECH = 0.02; // mic RMS that counts as speech
+const TURN_QUIET_MS = 1000; // a turn the server left open ends after this much quiet at the mic
+
 const COLORS = { you: "#38f", turn: "#38f3", omni: "#2a4", mark: "#d22", text: "#666", label: "#fffc" };
 
 export class Timeline {
@@ -14,6 +17,7 @@ export class Timeline {
     this.marks = []; // { t, label, stopMs }: stopMs undefined while measuring, null if it never stopped
     this.mic = 0;
     this.out = 0;
+    this.lastSpeech = -Infinity;
   }
 
   micLevel(v) { this.mic = Math.max(this.mic, v); }
@@ -37,6 +41,12 @@ export class Timeline {
   // Called every tick: keep the loudest levels seen since the last one, forget what scrolled out.
   tick(now) {
     this.samples.push({ t: now, mic: this.mic, out: this.out });
+    if (this.mic >= MIC_SPEECH) this.lastSpeech = now;
+    // An interrupt's speech_started comes with no speech_stopped: close it when the mic is quiet.
+    const open = this.turns[this.turns.length - 1];
+    if (open && open.end === null && now - Math.max(open.start, this.lastSpeech) > TURN_QUIET_MS) {
+      open.end = Math.max(open.start, this.lastSpeech);
+    }
     this.mic = this.out = 0;
     const since = now - WINDOW_MS - 1000;
     while (this.samples.length && this.samples[0].t < since) this.samples.shift();

@@ -26,6 +26,7 @@ from streaming.config import DEFAULT_INTERRUPT_PHRASES
 
 from .test_server import Running, start_server, stop_server
 from .test_web_client import ARTIFACTS, CHROMEDRIVER, CHROMIUM, _chromium, _mic_wav, _wait
+from .test_webrtc import needs_interface  # neither Chromium nor aioice offers 127.0.0.1 for ICE
 
 REPO = Path(__file__).resolve().parent.parent
 SDK_DIR = Path(__file__).resolve().parent / "browser_sdk"
@@ -33,10 +34,13 @@ BUNDLE = REPO / "out" / "browser-sdk" / "agents-realtime.js"
 API_KEY = "sk-omnivox-test-real-key-never-in-a-page"
 PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True}
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason="Debian chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+        reason="Debian chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+    ),
+    needs_interface,
+]
 
 
 @pytest.fixture(scope="module")

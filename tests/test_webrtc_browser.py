@@ -140,6 +140,11 @@ def test_webrtc_turn_and_barge_in_on_a_phone(server: Running, mic_wav: Path) -> 
         assert "started" in stats["outputBuffer"], stats["outputBuffer"]
         assert set(stats["errors"]) <= {"response_cancel_not_active"}, stats["errors"]
         assert _red_pixels(browser) > 50  # the mark is drawn on the timeline
+        # The interrupted answers show as such, with the text the server kept (what was played).
+        cut = browser.execute_script(
+            "return [...document.querySelectorAll('#transcript li.assistant.interrupted')].map(li => li.textContent)"
+        )
+        assert len(cut) >= 2, cut
         # Phone layout: the mic level, the timeline and the latest turn in view, no scrolling.
         assert browser.execute_script("return window.scrollY") == 0
         assert browser.execute_script("return document.documentElement.scrollWidth") <= PHONE["width"]

@@ -47,6 +47,7 @@ let responseActive = false;
 let serverTtfaMs = null;
 let remoteSource = null;
 const userLines = new Map(); // item_id -> transcript line, filled in when the transcription arrives
+const answerLines = new Map(); // response_id -> the answer's line
 const timeline = new Timeline($("timeline"));
 
 function setStatus(text, state) {
@@ -292,7 +293,6 @@ function stopPlayback(reason) {
   if (reason) console.info("playback stopped:", reason);
 }
 
-
 // ---------- images (Mini-Omni2) ----------
 
 let cameraStream = null;
@@ -418,10 +418,19 @@ function onEvent(ev) {
     case "response.created":
       stats.responses += 1;
       responseActive = true;
+      answerLines.clear(); // one answer at a time: an older one's line is final
       timeline.speechStopped(t); // answering: the user's turn is over (if its end went unreported)
       current = { responseId: ev.response.id, itemId: null, el: addLine("assistant", ""),
                   playedAtStart: stats.playedSamples, sentSamples: 0, firstAudio: false, createdAt: t };
+      answerLines.set(ev.response.id, current.el);
       break;
+    case "response.output_audio_transcript.done": {
+      // Over WebRTC the server knows what was played: an interrupted answer keeps what was heard.
+      const el = answerLines.get(ev.response_id);
+      if (el && conn && conn.kind === "webrtc" && typeof ev.transcript === "string") el.textContent = ev.transcript;
+      answerLines.delete(ev.response_id);
+      break;
+    }
     case "response.output_item.added":
       if (current) current.itemId = ev.item.id;
       break;

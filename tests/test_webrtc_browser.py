@@ -160,6 +160,29 @@ def test_webrtc_turn_and_barge_in_on_a_phone(server: Running, mic_wav: Path) -> 
         browser.save_screenshot(str(ARTIFACTS / "web_client_phone.png"))
 
 
+def test_falls_back_to_the_websocket_when_the_call_cannot_connect(server: Running, mic_wav: Path) -> None:
+    """A network where the call cannot connect (here: the browser may only use relay candidates
+    and has no TURN server, so it offers none): the call is answered but ICE never connects, so
+    after its 10 s the page opens the WebSocket with a fresh demo secret (the first one went to
+    the call) and the conversation goes on there."""
+    from selenium.webdriver.common.by import By
+
+    with _chromium(mic_wav) as browser:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        browser.execute_script("""
+            const Native = window.RTCPeerConnection;
+            window.RTCPeerConnection = class extends Native {
+              constructor(config) { super({ ...config, iceTransportPolicy: "relay" }); }
+            };""")
+        browser.find_element(By.ID, "start").click()
+        _wait(browser, "return window.omnivoxStats.sessionCreated", timeout=30)
+        stats = browser.execute_script("return window.omnivoxStats")
+        assert stats["transport"] == "websocket" and stats["credential"] == "demo", stats
+        assert stats["fallbacks"] in (["ICE failed"], ["the data channel did not open in time"]), stats
+        assert browser.find_element(By.ID, "transport").text == "WebSocket"
+        _wait(browser, "return window.omnivoxStats.audioDeltas > 2")  # answered over the WebSocket
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tiny_ckpt: Path) -> Iterator[Running]:
     """A server with a key and no demo secrets (the default)."""

@@ -41,12 +41,13 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# Debian packages the browser test needs; installed when missing and apt-get is usable.
+# Debian packages the browser tests need (chromium + chromium-driver; nodejs + npm bundle OpenAI's
+# browser SDK for tests/test_webrtc_browser.py); installed when missing and apt-get is usable.
 system-deps:
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
-		else echo "note: chromium/chromium-driver missing and apt-get unavailable: the browser test will be skipped"; fi; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver nodejs npm; \
+		else echo "note: chromium/chromium-driver/nodejs/npm missing and apt-get unavailable: the browser tests will be skipped"; fi; \
 	fi
 
 unit: setup system-deps

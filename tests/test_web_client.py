@@ -20,9 +20,11 @@ import pytest
 import soundfile as sf
 
 from server.settings import ServerSettings
+from streaming.config import DEFAULT_INTERRUPT_PHRASES
 
 from .conftest import fixture_audio
 from .test_server import Running, start_server, stop_server
+from .test_webrtc import _host_addresses
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts"
@@ -44,12 +46,14 @@ def _quiet(s: float) -> np.ndarray:
     return np.zeros(int(s * 16000), np.float32)
 
 
-def _mic_wav(path: Path) -> None:
-    """The fake microphone: a question heard out in full; then the question again and, right
-    after the end of that turn, "stop omni" (whatever the random answer's length, it is
-    still being generated or played then). Chromium loops the file."""
+def _mic_wav(path: Path, stop_after_s: float = 0.8, lead_s: float = 1.0) -> None:
+    """The fake microphone: after `lead_s` of quiet, a question heard out in full; then the
+    question again and, `stop_after_s` after the end of that turn, "stop omni" (whatever the
+    random answer's length, it is still being generated or played then). Chromium loops the file."""
     q = fixture_audio("question")
-    audio = np.concatenate([_quiet(1.0), q, _quiet(7.0), q, _quiet(0.8), fixture_audio("stop_omni"), _quiet(5.0)])
+    audio = np.concatenate(
+        [_quiet(lead_s), q, _quiet(7.0), q, _quiet(stop_after_s), fixture_audio("stop_omni"), _quiet(5.0)]
+    )
     sf.write(str(path), audio, 16000, subtype="PCM_16")
 
 
@@ -62,8 +66,9 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 @contextmanager
-def _chromium(wav: Path) -> Iterator[Any]:
-    """Headless Chromium whose microphone plays `wav` (16 kHz mono PCM16) in a loop."""
+def _chromium(wav: Path, *, gesture_unlocks_audio: bool = False) -> Iterator[Any]:
+    """Headless Chromium whose microphone plays `wav` (16 kHz mono PCM16) in a loop.
+    `gesture_unlocks_audio`: audio plays only after a user gesture, as on a phone."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -73,7 +78,8 @@ def _chromium(wav: Path) -> Iterator[Any]:
     for flag in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=" + ("user-gesture-required" if gesture_unlocks_audio else "no-user-gesture-required"),
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
         f"--user-data-dir={profile}", "--window-size=1000,900",
     ):  # fmt: skip
@@ -99,12 +105,18 @@ def _wait(driver: Any, script: str, timeout: float = 40) -> Any:
 
 
 def test_talk_hear_and_interrupt_in_chromium(server: Running, browser: Any) -> None:
+    """A browser without WebRTC: the page falls back to the WebSocket (PCM16 in events), is
+    answered, and "stop omni" stops its own playback, marked on the timeline."""
     from selenium.webdriver.common.by import By
 
     browser.get(f"http://127.0.0.1:{server.port}/")
     assert browser.find_element(By.ID, "status").text == "not connected"
+    browser.execute_script("window.RTCPeerConnection = undefined")  # as a browser without WebRTC
     browser.find_element(By.ID, "start").click()
     _wait(browser, "return window.omnivoxStats.sessionCreated")
+    stats = browser.execute_script("return window.omnivoxStats")
+    assert stats["transport"] == "websocket" and stats["fallbacks"] == ["this browser has no WebRTC"], stats
+    assert browser.find_element(By.ID, "transport").text == "WebSocket"
     assert browser.find_element(By.ID, "demo").is_displayed() is False  # a checkpoint dir: no demo notice
     # The server finds the turn, the page receives the answer and schedules it for playback.
     _wait(browser, "return window.omnivoxStats.speechStarted >= 1")
@@ -119,8 +131,11 @@ def test_talk_hear_and_interrupt_in_chromium(server: Running, browser: Any) -> N
     assert "what is your" in heard.lower(), heard  # tiny.en through the browser's mic path: "name" or "aim"
     ttfa = _wait(browser, "return window.omnivoxStats.lastTtfaMs")
     assert 0 < ttfa < 10000
-    # "stop omni" from the same microphone interrupts the answer.
+    # "stop omni" from the same microphone interrupts the answer; the page's own player stops
+    # it at once (measured on its playback clock).
     _wait(browser, "return window.omnivoxStats.interrupts >= 1", timeout=60)
+    mark = _wait(browser, "return window.omnivoxStats.marks.find(m => m.stopMs !== undefined)")
+    assert mark["label"] in DEFAULT_INTERRUPT_PHRASES and mark["stopMs"] is not None and mark["stopMs"] < 300, mark
     stats = browser.execute_script("return window.omnivoxStats")
     assert stats["errors"] == [] or set(stats["errors"]) <= {"response_cancel_not_active"}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -144,6 +159,9 @@ def test_camera_snapshot_and_picture_go_with_the_next_turn(server2: Running, bro
     assert not browser.find_element(By.ID, "images").is_displayed()  # hidden until the server says images
     browser.find_element(By.ID, "start").click()
     _wait(browser, "return window.omnivoxStats.sessionCreated && window.omnivoxStats.imagesAccepted")
+    # Pictures go on the call's data channel (where ICE has an interface; else over the fallback).
+    expected = "webrtc" if _host_addresses() else "websocket"
+    assert browser.execute_script("return window.omnivoxStats.transport") == expected
     assert browser.find_element(By.ID, "camera").is_displayed()
     browser.find_element(By.ID, "camera").click()
     _wait(browser, "return window.omnivoxStats.imagesSent === 1")
@@ -195,6 +213,7 @@ def test_semantic_vad_chosen_in_settings(server: Running, tmp_path: Path) -> Non
         assert not browser.find_element(By.ID, "eagerness").is_displayed()  # server_vad is the default
         Select(browser.find_element(By.ID, "turn-detection")).select_by_value("semantic_vad")
         Select(browser.find_element(By.ID, "eagerness")).select_by_value("high")
+        Select(browser.find_element(By.ID, "connection")).select_by_value("websocket")  # its checks count PCM events
         browser.find_element(By.ID, "start").click()
         td = _wait(browser, "const t = window.omnivoxStats.turnDetection; return t?.type === 'semantic_vad' && t")
         assert td["eagerness"] == "high", td
@@ -215,6 +234,8 @@ def test_semantic_vad_chosen_in_settings(server: Running, tmp_path: Path) -> Non
         assert browser.find_element(By.ID, "turns").text == "turns: semantic (low)"
         assert ("semantic_vad", "low") in _server_turns(server)
         assert browser.execute_script("return window.omnivoxStats.errors") == []
+        assert browser.execute_script("return window.omnivoxStats.fallbacks") == []  # chosen, not fallen back to
+        assert browser.find_element(By.ID, "transport").text == "WebSocket"
         # A phone-sized screen, Settings open.
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                 {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})  # fmt: skip

@@ -86,6 +86,7 @@ class _Barge:
     segment: int  # id, to ignore late recognizer answers
     checked_until: int = 0
     matched: str | None = None
+    announced: str | None = None  # the item of the speech_started its interrupt sent: stopped at its end
 
 
 @dataclass
@@ -683,6 +684,8 @@ class Session:
             self._on_edge(edge, now)
             return
         if edge is not None and edge.kind == "stop":
+            if b.announced is not None:
+                self._emit(SpeechStopped(b.announced, ms(edge.sample)))
             if mode is InterruptMode.COMMAND and b.matched is None:
                 self._check_command(final=True, end=edge.sample)
             if keeps_speech and ms(edge.sample - b.start) > self.config.backchannel_max_ms:
@@ -767,16 +770,23 @@ class Session:
             if self._last_response_id != ask.response_id or not self.speaking_at(now):
                 return
             self._interrupted_segment = ask.segment
-            self._interrupt(phrase, ask.end)
+            item = self._interrupt(phrase, ask.end)
+            if self._barge is not None and self._barge.segment == ask.segment:
+                self._barge.announced = item  # its speech_stopped comes when the command ends
+            else:
+                self._emit(SpeechStopped(item, ms(ask.end)))
 
-    def _interrupt(self, phrase: str, detected_at: int, announce: bool = True) -> None:
+    def _interrupt(self, phrase: str, detected_at: int, announce: bool = True) -> str:
+        """Cancel the answer; returns the item of the speech_started sent (announce)."""
         r = self.response
         response_id = r.response_id if r is not None else self._last_response_id
+        item = self._new_id("item") if announce else ""
         if announce:  # clients stop playback on speech_started
-            self._emit(SpeechStarted(self._new_id("item"), ms(detected_at)))
+            self._emit(SpeechStarted(item, ms(detected_at)))
         self._emit(Interrupted(response_id, phrase, ms(detected_at)))
         self._playback_until = 0.0
         self.cancel_response("turn_detected")
+        return item
 
     # ---------------- bookkeeping ----------------
 

@@ -375,6 +375,9 @@ def test_stop_omni_interrupts_in_command_mode(runner, vad, recognizer) -> None:
     assert len(end) == 1 and end[0].status == "cancelled" and end[0].reason == "turn_detected"
     assert not any(isinstance(e, AudioChunk) for e in events[i:])  # nothing of it after the cancel
     assert not any(isinstance(e, (InputCommitted, ResponseCreated)) for e in events)  # no new turn
+    stopped = [e for e in events if isinstance(e, SpeechStopped)]  # the command's speech ends as it started
+    assert [e.item_id for e in stopped] == [events[i - 1].item_id]
+    assert stopped[0].audio_end_ms >= events[i - 1].audio_start_ms
     assert s.response is None and not s.assistant_speaking
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -212,6 +213,11 @@ def create_app(engine: Engine) -> FastAPI:
     settings = engine.settings
     key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     app = FastAPI(title="omnivox", docs_url=None, redoc_url=None)
+    if settings.cors_origins:
+        # Browsers on another origin (an app's own page, OpenAI's browser SDK) call the calls and
+        # client-secret endpoints with Authorization and the SDK's own headers: a preflight.
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Location"])  # fmt: skip
     app.state.engine = engine
 
     @app.get("/healthz")

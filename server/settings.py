@@ -56,6 +56,10 @@ class ServerSettings(BaseSettings):
     ice_servers: tuple[IceServer, ...] = ()
     rtc_connect_timeout_s: float = Field(15.0, gt=0)  # offer answered -> events channel open
     rtc_silence_timeout_s: float = Field(30.0, gt=0)  # no RTP from the peer this long ends the call
+    # Origins whose pages may call the HTTP endpoints (client secrets, calls) from the browser
+    # (JSON in OMNIVOX_CORS_ORIGINS, e.g. ["https://app.example.com"]); none by default: the
+    # bundled page is same-origin.
+    cors_origins: tuple[str, ...] = ()
 
     def is_loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

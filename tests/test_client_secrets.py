@@ -225,6 +225,26 @@ def test_demo_tokens_are_off_by_default(tiny_ckpt: Path) -> None:
         stop_server(r)
 
 
+def test_cors_only_for_the_configured_origins(tiny_ckpt: Path) -> None:
+    """An app's page on another origin (e.g. OpenAI's browser SDK, which adds its own header)
+    passes the preflight of the calls endpoint; other origins get no CORS headers."""
+    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, interrupt_detector=False, turn_model=False,
+                                    cors_origins=("https://app.example",), log_level="warning"))  # fmt: skip
+    try:
+        for origin, allowed in (("https://app.example", True), ("https://evil.example", False)):
+            req = urllib.request.Request(f"http://127.0.0.1:{r.port}/v1/realtime/calls", method="OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type,x-openai-agents-sdk"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    headers = resp.headers
+            except urllib.error.HTTPError as e:
+                headers = e.headers
+            assert (headers.get("access-control-allow-origin") == origin) is allowed, origin
+    finally:
+        stop_server(r)
+
+
 def test_demo_tokens_warn_when_exposed() -> None:
     assert startup_warnings(ServerSettings(demo_tokens=True, api_key=KEY, host="0.0.0.0"))
     assert not startup_warnings(ServerSettings(demo_tokens=True, api_key=KEY))  # loopback

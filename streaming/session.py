@@ -794,5 +794,13 @@ class Session:
         return f"{kind}_{self._tag}{next(self._ids):06d}"
 
     def close(self) -> None:
+        """The session ends: its response is cancelled and its audio let go at once. (Its owner
+        is often held in reference cycles, e.g. a connection and its tasks, which only the
+        rare full garbage collection frees; megabytes of audio per session must not wait
+        for that.)"""
         self._drop_speculation()
         self.cancel_response("client_cancelled")
+        self._history = AudioHistory(0)
+        self._inputs.clear()
+        self._held = None
+        self._pending_image = None

@@ -349,6 +349,11 @@ class Connection:
             if self._cut_off is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._cut_off
+            # What the client never took (up to the send buffer's bytes) goes now, not when a
+            # full collection gets to this connection's reference cycles.
+            while not self._out.empty():
+                self._out.get_nowait()
+            self._out_bytes = 0
 
     async def close(self, code: int, reason: str) -> None:
         if self._closing:

@@ -128,7 +128,7 @@ def bench_latency(
     device: str = "cpu",
     turn_detection: tuple[str, ...] = ("server_vad", "semantic_vad"),
     first_chunk_lookahead: tuple[int | None, ...] = (None,),
-    speculate: tuple[int | None, ...] = (None, 0),
+    speculate: tuple[int | None, ...] = (None, 160),
 ) -> dict[str, Any]:
     model = OmniModel.load(checkpoint, device=device, dtype=dtype)
     runner = ModelRunner(model).start()

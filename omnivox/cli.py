@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--first-chunk-lookahead", default="exact",
                     help="start modes side by side: 'exact' (3 frames) and/or 0-2 (opt-in fast start), "
                          "comma-separated")  # fmt: skip
-    bl.add_argument("--speculate", default="off,0",
+    bl.add_argument("--speculate", default="off,160",
                     help="speculative encode + prefill side by side: 'off' and/or the ms of silence after "
                          "which it starts (comma-separated)")  # fmt: skip
     bl.add_argument("--transport", default=None,

@@ -148,7 +148,7 @@ def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert server["barge_in_detected"] is True
     assert server["speculation_lead_ms"] is None and semantic["speculation_lead_ms"] is None
     assert server_spec["speculation_lead_ms"] is not None and semantic_spec["speculation_lead_ms"] is not None
-    labels = {"server_vad", "server_vad+spec0", "semantic_vad", "semantic_vad+spec0"}
+    labels = {"server_vad", "server_vad+spec160", "semantic_vad", "semantic_vad+spec160"}
     assert set(doc["median"]) == set(doc["p90"]) == labels
     assert set(doc["fast_start_error"]) == {"0", "1", "2"}  # the opt-in first chunk's error, per lookahead
     threads = doc["stage_threads"]  # what each stage's own thread runs with, measured there

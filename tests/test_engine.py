@@ -138,7 +138,7 @@ def test_semantic_vad_score_comes_back_as_an_input() -> None:
 
 
 def test_the_answer_starts_at_the_first_silent_window_and_goes_on_at_the_turn_end() -> None:
-    s = Session(SessionConfig(input_sample_rate=16000))
+    s = Session(SessionConfig(input_sample_rate=16000, speculate_after_ms=0))
     speak(s, QUIET[:5] + SPEECH + [0.0], now=0.0)  # the first silent window
     (spec,) = s.take_work()
     assert isinstance(spec, StartResponse) and spec.speculative
@@ -154,7 +154,7 @@ def test_the_answer_starts_at_the_first_silent_window_and_goes_on_at_the_turn_en
 
 
 def test_speech_that_resumes_drops_the_speculation() -> None:
-    s = Session(SessionConfig(input_sample_rate=16000))
+    s = Session(SessionConfig(input_sample_rate=16000, speculate_after_ms=0))
     speak(s, QUIET[:5] + SPEECH + [0.0] * 3, now=0.0)  # a 96 ms pause inside the turn
     (first,) = s.take_work()
     speak(s, SPEECH, now=0.2)  # the user goes on
@@ -172,7 +172,7 @@ def test_a_turn_that_is_not_answered_at_once_drops_the_speculation() -> None:
     """create_response false, a client commit, a clear, a config change: no confirm comes."""
     for ending in ("no_create", "commit", "clear", "update"):
         td = TurnDetection(create_response=ending != "no_create")
-        s = Session(SessionConfig(input_sample_rate=16000, turn_detection=td))
+        s = Session(SessionConfig(input_sample_rate=16000, turn_detection=td, speculate_after_ms=0))
         speak(s, [*SPEECH, 0.0], now=0.0)
         spec = [w for w in s.take_work() if isinstance(w, StartResponse)]
         if ending == "no_create":

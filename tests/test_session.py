@@ -133,7 +133,7 @@ def test_speculation_gives_the_same_answer_sooner(runner: ModelRunner, vad) -> N
 def test_a_dropped_speculation_frees_its_slot(runner: ModelRunner, vad) -> None:
     """Speech that resumes after a pause: the speculative answer is cancelled and its slot
     (and KV cache) freed; one answer follows the whole turn."""
-    s = LocalSession(runner, vad, None, SessionConfig(input_sample_rate=16000))
+    s = LocalSession(runner, vad, None, SessionConfig(input_sample_rate=16000, speculate_after_ms=0))
     q = fixture_audio("question")
     feed(s, np.concatenate([silence(0.3), q, silence(0.2)]))
     time.sleep(0.5)  # the speculation is encoded and prefilled meanwhile

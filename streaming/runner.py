@@ -76,6 +76,11 @@ class ResponseRequest:
     stop_rules: bool = True  # False: run the whole budget (benchmarks of steady-state speed)
 
     @property
+    def makes_audio(self) -> bool:
+        """An audio-out task whose audio is wanted."""
+        return self.task.audio_out and self.audio_output
+
+    @property
     def min_lead_ms(self) -> float:
         """Never less lead than the first exact chunk needs, or the first audio would never come."""
         return max(self.max_audio_lead_ms, (self.max_chunk_frames + self.lookahead_frames + 1) * FRAME_MS)
@@ -337,7 +342,7 @@ class ModelRunner:
                 self._finish(job, "failed", reason=failure_message(e))
                 continue
             job.prompt = None  # the generation holds it
-            job.audio = req.task.audio_out and req.audio_output and self.model.codec is not None
+            job.audio = req.makes_audio and self.model.codec is not None
             if job.audio:
                 self._to_snac.put_nowait(("start", job.key, job.response_id, job.item_id, _decoder_args(req), job.sink))
             self._active.append(job)

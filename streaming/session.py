@@ -152,8 +152,6 @@ class _Speculation:
     start: int  # the turn's audio: it must be committed exactly as [start, end)
     end: int  # the sample the pause began at
     assistant_item: str
-    task: Task
-    audio_out: bool
     request: ResponseRequest
 
 
@@ -211,10 +209,16 @@ class Session:
         deadlines = []
         if self._held is not None and self._held.ready and self.response is None:
             deadlines.append(self._playback_until)
-        td = self.config.turn_detection
-        if td is not None and td.idle_timeout_ms is not None and self._idle_from is not None:
-            deadlines.append(self._idle_from + td.idle_timeout_ms / 1000)
+        idle = self._idle_deadline()
+        if idle is not None:
+            deadlines.append(idle)
         return min(deadlines, default=None)
+
+    def _idle_deadline(self) -> float | None:
+        td = self.config.turn_detection
+        if td is None or td.idle_timeout_ms is None or self._idle_from is None:
+            return None
+        return self._idle_from + td.idle_timeout_ms / 1000
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
@@ -230,7 +234,6 @@ class Session:
 
     def _reset_input(self) -> None:
         td = self.config.turn_detection
-        self._drop_speculation()
         pause = self.config.speculate_after_ms
         self._turns = TurnDetector(td, has_scorer=self.has_turn_model, pause_ms=pause) if td else None
         self._vad_pos = self._history.end  # absolute sample of the next VAD window
@@ -451,13 +454,13 @@ class Session:
         playing -> the silence is committed as a user turn and answered (as OpenAI does).
         A question asked during the answer is committed once the answer's audio is over."""
         self._release_held(now)
-        td = self.config.turn_detection
-        if td is None or td.idle_timeout_ms is None or self._idle_from is None:
-            return
-        if now < self._idle_from + td.idle_timeout_ms / 1000:
+        deadline = self._idle_deadline()
+        if deadline is None or now < deadline:
             return
         if self.response is not None or self._turn_start is not None or self._barge is not None:
             return
+        td = self.config.turn_detection
+        assert td is not None and td.idle_timeout_ms is not None
         self._idle_from = None
         end = self._history.end
         start = max(self._history.start, self._buffer_start, end - td.idle_timeout_ms * MODEL_RATE // 1000)
@@ -521,21 +524,22 @@ class Session:
         if create.item_id not in self._inputs:
             self._emit(SessionError("invalid_request", "the user input to respond to was deleted"))
             return
-        spec, self._spec = self._spec, None
+        spec = self._spec
+        work: StartResponse | ConfirmResponse
         if spec is not None and spec.create.response_id == create.response_id:
             # The turn ended where the speculation assumed: its encode and prefill are (being) done.
-            r = LiveResponse(create.response_id, spec.assistant_item, spec.task, audio_out=spec.audio_out)
-            work: StartResponse | ConfirmResponse = ConfirmResponse(r.response_id, r.item_id, spec.request)
+            self._spec = None
+            item, request = spec.assistant_item, spec.request
+            work = ConfirmResponse(create.response_id, item, request)
         else:
-            if spec is not None:
-                self._work.append(CancelResponse(spec.create.response_id, "speculation_dropped"))
+            self._drop_speculation()
             audio, text = self._inputs[create.item_id]
             image = None
             if audio is not None and self._pending_image is not None:
                 image, self._pending_image = self._pending_image, None
-            task, audio_out, request = self._plan(create, audio, text, image)
-            r = LiveResponse(create.response_id, self._new_id("item"), task, audio_out=audio_out)
-            work = StartResponse(r.response_id, r.item_id, request)
+            item, request = self._new_id("item"), self._plan(create, audio, text, image)
+            work = StartResponse(create.response_id, item, request)
+        r = LiveResponse(create.response_id, item, request.task, audio_out=request.makes_audio)
         self.response = r
         self._last_response_id = r.response_id
         self._ttfa_ms = None
@@ -545,8 +549,8 @@ class Session:
 
     def _plan(
         self, create: _Create, audio: np.ndarray | None, text: str | None, image: torch.Tensor | None
-    ) -> tuple[Task, bool, ResponseRequest]:
-        """The task, whether audio goes out, and the runner's request for answering an input."""
+    ) -> ResponseRequest:
+        """The runner's request for answering an input."""
         modalities = create.output_modalities or self.config.output_modalities
         audio_out = "audio" in modalities
         if image is not None:
@@ -556,7 +560,7 @@ class Session:
         else:
             task = Task.T1A2 if audio_out else Task.T1T2
         cfg = self.config
-        request = ResponseRequest(
+        return ResponseRequest(
             task=task,
             audio=audio,
             text=text,
@@ -571,7 +575,6 @@ class Session:
             first_lookahead_frames=cfg.first_chunk_lookahead_frames,
             max_audio_lead_ms=cfg.max_audio_lead_ms,
         )
-        return task, task.audio_out and audio_out, request
 
     # ---------------- speculation ----------------
 
@@ -585,8 +588,8 @@ class Session:
             return  # the turn's answer could not start at its end: nothing to gain
         self._drop_speculation()
         create = _Create(self._turn_item, None, None, self._new_id("resp"))
-        task, audio_out, request = self._plan(create, self._history.slice(self._turn_start, pause_at), None, None)
-        spec = _Speculation(create, self._turn_start, pause_at, self._new_id("item"), task, audio_out, request)
+        request = self._plan(create, self._history.slice(self._turn_start, pause_at), None, None)
+        spec = _Speculation(create, self._turn_start, pause_at, self._new_id("item"), request)
         self._spec = spec
         self._work.append(StartResponse(create.response_id, spec.assistant_item, request, speculative=True))
 

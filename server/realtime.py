@@ -351,9 +351,7 @@ class Connection:
                     await self._cut_off
             # What the client never took (up to the send buffer's bytes) goes now, not when a
             # full collection gets to this connection's reference cycles.
-            while not self._out.empty():
-                self._out.get_nowait()
-            self._out_bytes = 0
+            self._drop_unsent()
 
     async def close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -464,10 +462,13 @@ class Connection:
             return
         log.warning("session %s: the client is not reading (%s); disconnecting", self.session_id, why)
         self._closing = True
+        self._drop_unsent()
+        self._cut_off = asyncio.get_running_loop().create_task(self._close_slow_client())
+
+    def _drop_unsent(self) -> None:
         while not self._out.empty():
             self._out.get_nowait()
         self._out_bytes = 0
-        self._cut_off = asyncio.get_running_loop().create_task(self._close_slow_client())
 
     async def _close_slow_client(self) -> None:
         # The close frame waits behind what the client has not read; if it never reads again, the

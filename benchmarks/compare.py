@@ -2,7 +2,7 @@
 
 Same random full-size weights, same A1->A2 prompt, same number of steps (stop rules off):
 the naive loop (benchmarks/naive.py, fp32), our decoding core in fp32 (exact: the same
-greedy tokens, checked), in bf16 and in int8 (approximate: their agreement with fp32 is
+greedy tokens, checked), in bf16, int8 and int4 (approximate: their agreement with fp32 is
 reported as a teacher-forced top-1 match rate per stream and the relative logit error).
 """
 
@@ -100,7 +100,8 @@ def bench_compare(
     prompt = prompts[0]
     approximate = {
         "ours_bf16": copy.deepcopy(model.llm).cast_parameters_(torch.bfloat16),
-        "ours_int8": copy.deepcopy(model.llm).quantize_int8_(),
+        "ours_int8": copy.deepcopy(model.llm).quantize_("int8"),
+        "ours_int4": copy.deepcopy(model.llm).quantize_("int4"),
     }
 
     naive_tokens, naive_rate = _naive(model, prompt, steps)

@@ -15,6 +15,7 @@ import torch
 
 from model.codec import SAMPLES_PER_FRAME, SNAC_SAMPLE_RATE
 from model.omni import OmniModel
+from model.probe import probe_precisions
 from model.prompts import Task, build_prompt
 
 from .machine import machine_info
@@ -73,11 +74,17 @@ def bench_decode(
         prefill_ms.append((t2 - t1) * 1000)
         step_rates.append(n / (t3 - t2))
     sps = statistics.median(step_rates)
+    # What `--dtype auto` picks on this host and why: the load's own probe, else one run now.
+    probe = model.auto_probe
+    if probe is None and device.startswith("cpu"):
+        probe = probe_precisions(model.config)
     return {
         "benchmark": "decode",
         "checkpoint": str(checkpoint),
         "model": model.config.name,
         "dtype": dtype,
+        "precision": model.precision,
+        "auto": probe.as_json() if probe is not None else {"choice": "bfloat16", "reason": "CUDA"},
         "batch": batch,
         "prompt_positions": prompt.length,
         "decode_steps": steps,
@@ -97,5 +104,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(" | ".join(cols))
     print(" | ".join(str(result[c]) for c in cols))
     print("head ms per call:", json.dumps(result["head"]))
+    auto = result["auto"]
+    print(f"--dtype auto picks {auto['choice']} here: {auto['reason']}")
     m = result["machine"]
     print(f"machine: {m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, {m['device']}")

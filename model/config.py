@@ -12,7 +12,8 @@ from .errors import CheckpointError
 from .layout import TokenLayout
 
 # Weight precision modes of OmniModel.load (model.omni.resolve_precision says what each does).
-PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
+QUANTIZED_PRECISIONS = ("int8", "int4")  # CPU only: quantized weights, bf16 activations
 # What the Whisper encoder sees per turn (OmniModel.load's whisper_window). "padded" (default,
 # exact): the 30 s window upstream encodes. "trimmed" (opt-in, approximate): only the turn's
 # length, a fraction of the work, but attention is global so the features differ (model.audio).

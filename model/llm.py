@@ -217,49 +217,63 @@ class Splice:
     adapter: str = "whisper"
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W stored as int8 rows times a bf16 scale per row (symmetric, 127 levels).
+def _split_outlier_columns(w: torch.Tensor, ratio: float, max_fraction: float) -> torch.Tensor:
+    """Indices (sorted) of the input columns whose absmax is > `ratio` x the median column's, at
+    most `max_fraction` of them: the columns a quantized layer keeps out of its low-bit matrix."""
+    col_max = w.abs().amax(dim=0)
+    rel = col_max / col_max.median().clamp(min=1e-12)
+    k = min(int((rel > ratio).sum()), max(1, int(w.shape[1] * max_fraction)))
+    return torch.topk(rel, k).indices.sort().values if k else torch.zeros(0, dtype=torch.long)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W in a low-bit form (subclasses), bf16 activations.
 
     Input columns whose weights are outliers (absmax > OUTLIER_RATIO x the median column's) are
-    kept out of the int8 matrix and multiplied in bf16 (LLM.int8()'s decomposition, on the
-    weight side): one large column would otherwise set every row's scale and flatten the
-    rest. torch._weight_int8pack_mm is the CPU int8 weight-only kernel torchao and gpt-fast
-    use; torchao itself ran 4x slower than bf16 here without torch.compile.
+    kept out of the quantized matrix and multiplied in bf16 (LLM.int8()'s decomposition, on the
+    weight side): one large column would otherwise set every row's (or group's) scale and
+    flatten the rest. For a prefill's many rows (>= DEQUANTIZE_ROWS) the weights are
+    dequantized for one bf16 GEMM: the weight-only kernels cost ~linear time per row (GEMVs),
+    and the GEMM is ~2x faster there.
     """
 
     OUTLIER_RATIO = 4.0
     MAX_OUTLIER_FRACTION = 1 / 64
     DEQUANTIZE_ROWS = 48
+    dequantizes = True  # False: even a prefill's rows go through the kernel
     outlier_cols: torch.Tensor
     outlier_weight: torch.Tensor
-    weight_int8: torch.Tensor
-    scales: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         w = weight.detach().float().clone()
-        col_max = w.abs().amax(dim=0)
-        ratio = col_max / col_max.median().clamp(min=1e-12)
-        k = min(int((ratio > self.OUTLIER_RATIO).sum()), max(1, int(w.shape[1] * self.MAX_OUTLIER_FRACTION)))
-        outliers = torch.topk(ratio, k).indices.sort().values if k else torch.zeros(0, dtype=torch.long)
+        outliers = _split_outlier_columns(w, self.OUTLIER_RATIO, self.MAX_OUTLIER_FRACTION)
         self.register_buffer("outlier_cols", outliers)
         self.register_buffer("outlier_weight", w[:, outliers].to(torch.bfloat16))
         w[:, outliers] = 0
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.out_features, self.in_features = w.shape
+        self._quantize(w)
         self.bias: nn.Parameter | None = None
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    def _quantize(self, w: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) bf16, few rows -> (rows, out) by the weight-only kernel."""
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        """The quantized matrix as bf16 (out, in), outlier columns zero."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if flat.shape[0] >= self.DEQUANTIZE_ROWS:
-            # The int8 kernel costs ~linear time per row (a GEMV each); for a prefill's many
-            # rows a bf16 GEMM on the weights dequantized for this call is ~2x faster.
-            y = F.linear(flat, self.weight_int8.to(torch.bfloat16) * self.scales[:, None])
+        if self.dequantizes and flat.shape[0] >= self.DEQUANTIZE_ROWS:
+            y = F.linear(flat, self.dequantized())
         else:
-            y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+            y = self._matmul(flat.contiguous())
         if self.outlier_cols.numel():
             y = y + flat[:, self.outlier_cols] @ self.outlier_weight.T
         if self.bias is not None:
@@ -267,14 +281,80 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-class Int8Head(nn.Module):
-    """The output head in int8 mode: the text slice and the 7 audio slices as two Int8Linear
-    layers (a step reads only the slices it needs); calling it gives the whole padded vocab."""
+class Int8Linear(QuantLinear):
+    """int8 rows times a bf16 scale per row (symmetric, 127 levels), by torch's CPU int8
+    weight-only kernel (torch._weight_int8pack_mm, what torchao and gpt-fast use; torchao
+    itself ran 4x slower than bf16 here without torch.compile)."""
 
-    def __init__(self, weight: torch.Tensor, text_rows: int) -> None:
+    weight_int8: torch.Tensor
+    scales: torch.Tensor
+
+    def _quantize(self, w: torch.Tensor) -> None:
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.weight_int8, self.scales)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_int8.to(torch.bfloat16) * self.scales[:, None]
+
+
+class Int4Linear(QuantLinear):
+    """4-bit weights, asymmetric per group of GROUP inputs (a bf16 scale and offset each), by
+    torch's CPU int4 weight-only kernel (torch._weight_int4pack_mm_for_cpu, gpt-fast's): half
+    int8's bytes, and on the hosts measured a faster kernel (README, Precision)."""
+
+    GROUP = 32
+    weight_int4: torch.Tensor  # torch's packed layout: (out, in / 2) uint8
+    scales_zeros: torch.Tensor  # (in / GROUP, out, 2) bf16: w = (u - 8) * scale + zero
+
+    def _quantize(self, w: torch.Tensor) -> None:
+        n, k = w.shape
+        if k % self.GROUP or n % 16:
+            raise ValueError(f"int4 needs in % {self.GROUP} == 0 and out % 16 == 0, got ({n}, {k})")
+        groups = w.reshape(n, k // self.GROUP, self.GROUP)
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        u = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        # w ~ lo + u * scale = (u - 8) * scale + (lo + 8 * scale)
+        zero = lo + 8 * scale
+        self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1))
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.register_buffer("scales_zeros", sz)
+        # The packed layout is torch's (64-row blocks, rows j and j + 32 share a byte): read back
+        # here so a shape or a build that packs otherwise falls back to the kernel for prefills.
+        self.dequantizes = n % 64 == 0 and torch.equal(self._unpack().to(torch.int32), u)
+
+    def _unpack(self) -> torch.Tensor:
+        """The packed weights back as (out, in) uint8 in 0..15."""
+        n, k = self.out_features, self.in_features
+        blocks = self.weight_int4.view(n // 64, k, 32)
+        return torch.cat([blocks & 15, blocks >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.weight_int4, self.GROUP, self.scales_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        u = self._unpack().to(torch.bfloat16).reshape(n, k // self.GROUP, self.GROUP) - 8
+        scale, zero = self.scales_zeros.transpose(0, 1).unbind(-1)
+        return (u * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear}  # precision -> the MLPs' layer kind
+
+
+class QuantHead(nn.Module):
+    """The output head in a quantized mode: the text slice and the 7 audio slices as two
+    quantized layers (a step reads only the slices it needs); calling it gives the whole padded
+    vocab."""
+
+    def __init__(self, weight: torch.Tensor, text_rows: int, kind: type[QuantLinear]) -> None:
         super().__init__()
-        self.text = Int8Linear(weight[:text_rows], None)
-        self.audio = Int8Linear(weight[text_rows:], None)
+        self.text = kind(weight[:text_rows], None)
+        self.audio = kind(weight[text_rows:], None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.text(h), self.audio(h)], dim=-1)
@@ -286,7 +366,8 @@ class OmniLM(nn.Module):
         self.config = cfg
         self.layout = cfg.layout
         self.backbone = Backbone(cfg)  # backbone.embed_tokens is lit-gpt's wte
-        self.lm_head: nn.Linear | Int8Head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head: nn.Linear | QuantHead = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.quantized: str | None = None  # "int8" | "int4" once quantize_ has run
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embed_tokens.weight
         self.whisper_adapter = SwiGLUAdapter(cfg.whisper_adapter_dim, cfg.intermediate_size, cfg.n_embd)
@@ -310,26 +391,29 @@ class OmniLM(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
-    @property
-    def is_int8(self) -> bool:
-        return isinstance(self.lm_head, Int8Head)
-
-    def quantize_int8_(self) -> OmniLM:
-        """Approximate mode: int8 weights (one scale per output channel) in every Linear of the
-        decoder layers and in the head's text and audio slices, bf16 activations, matmuls by
-        torch's int8 weight-only kernel. A decode step reads half the bytes of bf16, and on this
-        memory-bound CPU that is ~2x the steps/s (README, Precision). Embeddings, norms and
-        the adapters stay in bf16/fp32; call on the fp32 model (scales come from fp32 weights).
+    def quantize_(self, precision: str = "int8") -> OmniLM:
+        """Approximate modes, matmuls by torch's weight-only kernels with bf16 activations.
+        int8: every Linear of the decoder layers and the head's text and audio slices hold int8
+        weights, one scale per output row; a decode step reads half the bytes of bf16, and on
+        this memory-bound CPU that is ~2x the steps/s. int4: the MLPs' Linears (88% of the
+        layers' weights) hold 4-bit weights in groups of 32 inputs; attention and the head stay
+        int8: 4-bit attention or head weights cost most of the agreement for a little speed
+        (README, Precision). Embeddings, norms and the adapters stay in bf16/fp32; call on the
+        fp32 model (scales come from fp32 weights).
         """
-        if self.dtype != torch.float32 or isinstance(self.lm_head, Int8Head):
-            raise ValueError("quantize_int8_ needs the fp32 model")
-        # The int8 head replaces the fp32 one (unless tied, its weights are then freed).
-        self.lm_head = Int8Head(self.lm_head.weight, self.layout.padded_text_vocab_size)
+        if precision not in QUANTIZED:
+            raise ValueError(f"quantize_ takes {', '.join(QUANTIZED)}, got {precision!r}")
+        if self.dtype != torch.float32 or isinstance(self.lm_head, QuantHead):
+            raise ValueError("quantize_ needs the fp32 model")
+        # The quantized head replaces the fp32 one (unless tied, its weights are then freed).
+        self.lm_head = QuantHead(self.lm_head.weight, self.layout.padded_text_vocab_size, Int8Linear)
+        mlp_kind = QUANTIZED[precision]
         for layer in self.backbone.decoder_layers():
-            for parent in (layer.self_attn, layer.mlp):
+            for parent, kind in ((layer.self_attn, Int8Linear), (layer.mlp, mlp_kind)):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
-                        setattr(parent, name, Int8Linear(child.weight, child.bias))
+                        setattr(parent, name, kind(child.weight, child.bias))
+        self.quantized = precision
         self.cast_parameters_(torch.bfloat16)
         return self
 
@@ -400,7 +484,7 @@ class OmniLM(nn.Module):
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., 152000) logits of the text slice only."""
         head = self.lm_head
-        if isinstance(head, Int8Head):
+        if isinstance(head, QuantHead):
             return head.text(h)
         return F.linear(h, head.weight[: self.layout.padded_text_vocab_size])
 
@@ -408,7 +492,7 @@ class OmniLM(nn.Module):
         """h (..., C) -> (..., 7, 4160) logits of the 7 audio slices, local ids."""
         start, stop = self.layout.audio_logits_range
         head = self.lm_head
-        logits = head.audio(h) if isinstance(head, Int8Head) else F.linear(h, head.weight[start:stop])
+        logits = head.audio(h) if isinstance(head, QuantHead) else F.linear(h, head.weight[start:stop])
         return logits.unflatten(-1, (self.layout.num_audio_layers, self.layout.padded_audio_vocab_size))
 
     def full_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,12 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .codec import SnacCodec, replace_non_codes
-from .config import PRECISIONS, WHISPER_WINDOWS, ModelConfig
+from .config import PRECISIONS, QUANTIZED_PRECISIONS, WHISPER_WINDOWS, ModelConfig
 from .decoding import Generation, SamplingConfig
 from .errors import CheckpointError, InputError
 from .layout import TokenLayout
 from .llm import OmniLM
+from .probe import ProbeResult, probe_precisions
 from .prompts import Prompt, Task, build_prompt
 from .tokenizer import TextTokenizer
 from .vision import NO_IMAGES, ClipImageEncoder, load_clip
@@ -62,20 +63,17 @@ def release_freed_memory() -> None:
 
 
 def resolve_precision(precision: str | torch.dtype, device: str) -> str:
-    """float32 | bfloat16 | int8. "auto": bfloat16 on CUDA; int8 on CPUs with native bf16
-    (int8 weights, bf16 activations: ~2x bf16's steps/s, the only mode that holds the full
-    model above real time end to end on a 2-core CPU; ~94% teacher-forced top-1 agreement
-    with fp32 vs bf16's ~97%: README, Precision); else float32 (the token-exact reference)."""
+    """Validate a precision: float32 | bfloat16 | int8 | int4, or "auto". "auto" is bfloat16 on
+    CUDA and stays "auto" on a CPU, where OmniModel.load times the candidates on the host
+    (model.probe: the fastest of float32, bfloat16 and int8, a more exact one on a near tie)."""
     if isinstance(precision, torch.dtype):
         precision = str(precision).removeprefix("torch.")
-    if precision == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16"
-        return "int8" if cpu_has_native_bf16() else "float32"
     if precision not in PRECISIONS:
         raise InputError(f"dtype must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "int8" and not device.startswith("cpu"):
-        raise InputError("dtype int8 is a CPU mode; use bfloat16 on CUDA")
+    if precision == "auto":
+        return "bfloat16" if device.startswith("cuda") else "auto"
+    if precision in QUANTIZED_PRECISIONS and not device.startswith("cpu"):
+        raise InputError(f"dtype {precision} is a CPU mode; use bfloat16 on CUDA")
     return precision
 
 
@@ -89,6 +87,7 @@ class OmniModel:
     source: str
     clip: ClipImageEncoder | None = None  # Mini-Omni2 checkpoints only
     whisper_window: str = "padded"  # model.config.WHISPER_WINDOWS
+    auto_probe: ProbeResult | None = None  # how `--dtype auto` chose, when it did on a CPU
 
     @property
     def family(self) -> str:
@@ -97,8 +96,8 @@ class OmniModel:
 
     @property
     def precision(self) -> str:
-        """float32 | bfloat16 | int8: what the LLM's weights are."""
-        return "int8" if self.llm.is_int8 else str(self.llm.dtype).removeprefix("torch.")
+        """float32 | bfloat16 | int8 | int4: what the LLM's weights are."""
+        return self.llm.quantized or str(self.llm.dtype).removeprefix("torch.")
 
     @property
     def takes_images(self) -> bool:
@@ -127,20 +126,24 @@ class OmniModel:
         precision = resolve_precision(dtype, device)
         if whisper_window not in WHISPER_WINDOWS:
             raise InputError(f"whisper_window must be one of {', '.join(WHISPER_WINDOWS)}, got {whisper_window!r}")
-        # int8 quantizes from the fp32 weights; the encoders then run in bf16 where native.
-        torch_dtype = torch.float32 if precision == "int8" else DTYPES[precision]
-        encoder_dtype = torch_dtype
-        if precision == "int8" and cpu_has_native_bf16():
-            encoder_dtype = torch.bfloat16
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise CheckpointError(f"device {device} was asked for but CUDA is not available")
         t0 = time.perf_counter()
         root = resolve_checkpoint(spec)
         config = ModelConfig.from_yaml(root / MODEL_CONFIG)
+        probe = probe_precisions(config) if precision == "auto" else None
+        if probe is not None:
+            precision = probe.choice
+        # int8/int4 quantize from the fp32 weights; the encoders then run in bf16 where native.
+        quantized = precision in QUANTIZED_PRECISIONS
+        torch_dtype = torch.float32 if quantized else DTYPES[precision]
+        encoder_dtype = torch_dtype
+        if quantized and cpu_has_native_bf16():
+            encoder_dtype = torch.bfloat16
         lit_sd = load_lit_state_dict(root / LIT_MODEL)
         llm = build_llm(config, litgpt_to_omni(lit_sd, config, str(root / LIT_MODEL)), device, torch_dtype)
-        if precision == "int8":
-            llm.quantize_int8_()
+        if quantized:
+            llm.quantize_(precision)
         tokenizer = TextTokenizer.from_dir(root)
         whisper = load_whisper(root).to(device) if with_whisper else None
         # bf16 encoders: half the 30 s Whisper encode (features within ~1% of fp32) and half a
@@ -166,8 +169,8 @@ class OmniModel:
             if encoder_dtype != torch.float32:
                 codec.cast_(encoder_dtype)
         del lit_sd
-        release_freed_memory()  # the fp32 state dict (and int8's fp32 copies) would else stay resident
-        model = cls(config, llm, tokenizer, whisper, codec, str(root), clip, whisper_window)
+        release_freed_memory()  # the fp32 state dict (and a quantized mode's fp32 copies) would else stay resident
+        model = cls(config, llm, tokenizer, whisper, codec, str(root), clip, whisper_window, probe)
         log.info(
             "loaded %s (%s, %s, %s, whisper window %s) in %.1f s",
             root, model.family, device, precision, whisper_window, time.perf_counter() - t0,

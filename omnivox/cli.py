@@ -25,8 +25,9 @@ WHISPER_WINDOW_HELP = (
 )
 # The rule of model.omni.resolve_precision, in words.
 DTYPE_HELP = (
-    "auto: bfloat16 on CUDA; on CPU int8 when the CPU has native bf16 (avx512_bf16 or amx_bf16), "
-    "else float32; int8: CPU only, int8 weights with bf16 activations (fastest, approximate)"
+    "auto: bfloat16 on CUDA; on a CPU a ~1 s probe at load times float32, bfloat16 and int8 on this "
+    "host and picks the fastest (a more exact one within 10%%); int8: CPU only, int8 weights with bf16 "
+    "activations (approximate); int4: CPU only, 4-bit MLP weights, int8 elsewhere (fastest, least exact, opt-in)"
 )
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
 

@@ -27,7 +27,7 @@ class ServerSettings(BaseSettings):
     checkpoint_dir: Path | None = None
     checkpoint: str | None = None  # hub id
     device: str = "cpu"
-    dtype: str = "auto"  # model.omni.resolve_precision: bf16 on CUDA; int8 on CPUs with native bf16, else fp32
+    dtype: str = "auto"  # model.omni.resolve_precision: bf16 on CUDA; on a CPU by a timed probe (model.probe)
     whisper_window: Literal["padded", "trimmed"] = "padded"  # model.config.WHISPER_WINDOWS; trimmed is approximate
     api_key: SecretStr | None = None
     allow_unauthenticated: bool = False  # needed to bind a non-loopback address without a key

@@ -229,21 +229,44 @@ def test_snac_falls_back_to_the_hub_id(tiny_ckpt: Path, tmp_path: Path, monkeypa
         OmniModel.load(d, with_whisper=False)
 
 
-def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precision_validation() -> None:
     import model.omni as omni
     from model.errors import InputError
 
-    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: True)
-    assert omni.resolve_precision("auto", "cpu") == "int8"
-    monkeypatch.setattr(omni, "cpu_has_native_bf16", lambda: False)
-    assert omni.resolve_precision("auto", "cpu") == "float32"
+    assert omni.resolve_precision("auto", "cpu") == "auto"  # decided by the probe at load
     assert omni.resolve_precision("auto", "cuda:0") == "bfloat16"
     assert omni.resolve_precision("float32", "cuda") == "float32"
     assert omni.resolve_precision(torch.bfloat16, "cpu") == "bfloat16"
+    assert omni.resolve_precision("int4", "cpu") == "int4"
     with pytest.raises(InputError, match="dtype must be"):
         omni.resolve_precision("int3", "cpu")
-    with pytest.raises(InputError, match="CPU mode"):
-        omni.resolve_precision("int8", "cuda")
+    for quantized in ("int8", "int4"):
+        with pytest.raises(InputError, match="CPU mode"):
+            omni.resolve_precision(quantized, "cuda")
+
+
+def test_auto_picks_the_fastest_precision_unless_a_more_exact_one_ties() -> None:
+    from model.probe import pick_precision
+
+    assert pick_precision({"float32": 200.0, "bfloat16": 60.0, "int8": 30.0})[0] == "int8"
+    # The Intel host of issue 14: bf16 no faster than fp32 -> the exact one of the two.
+    choice, reason = pick_precision({"float32": 140.0, "bfloat16": 135.0})
+    assert choice == "float32" and "more exact" in reason and "bfloat16 135.0 ms" in reason
+    assert pick_precision({"float32": 100.0, "bfloat16": 95.0, "int8": 80.0})[0] == "int8"
+    with pytest.raises(ValueError):
+        pick_precision({})
+
+
+def test_auto_on_a_cpu_times_the_candidates_and_loads_its_choice(tiny_ckpt) -> None:
+    from model.probe import AUTO_CANDIDATES
+
+    model = OmniModel.load(tiny_ckpt, dtype="auto", with_whisper=False, with_snac=False)
+    probe = model.auto_probe
+    assert probe is not None and set(probe.ms_per_step) == set(AUTO_CANDIDATES)
+    assert all(ms > 0 for ms in probe.ms_per_step.values()) and probe.rounds >= 1
+    assert model.precision == probe.choice and probe.seconds < 5
+    assert probe.threads == torch.get_num_threads() and probe.layers_timed == model.config.n_layer  # tiny: all fit
+    assert OmniModel.load(tiny_ckpt, dtype="float32", with_whisper=False, with_snac=False).auto_probe is None
 
 
 # ---------------- transformers: public API only ----------------

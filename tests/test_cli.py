@@ -134,6 +134,8 @@ def test_bench_decode_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["steps_per_s"] > 0 and doc["real_time_factor"] == pytest.approx(doc["steps_per_s"] / 11.71875, rel=1e-2)
     assert {"cpu_model", "cores", "torch", "threads", "device"} <= set(doc["machine"])
+    # what --dtype auto would pick here, and why
+    assert doc["auto"]["choice"] in doc["auto"]["ms_per_step"] and doc["auto"]["reason"]
 
 
 def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -283,11 +283,71 @@ def test_int8_linear_splits_off_outlier_columns(monkeypatch: pytest.MonkeyPatch)
     assert float((gemm - gemv).norm() / gemv.norm()) < 0.005  # the same int8 weights, bf16 rounding apart
 
 
+def test_int4_linear_computes_its_own_dequantized_weights() -> None:
+    """The int4 kernel, torch's packed layout read back, and the group scale/offset agree."""
+    from model.llm import Int4Linear
+
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 128, 64, Int4Linear.GROUP
+    # Weights exactly on a 4-bit grid per group (offset lo, step 2^-6): representable without error.
+    u = torch.randint(0, 16, (n, k), generator=g).float()
+    lo = torch.randn(n, k // group, 1, generator=g).mul(0.05).to(torch.bfloat16).float()
+    w = (lo + u.reshape(n, k // group, group) * 2**-6).reshape(n, k)
+    w[:, 0::group] = lo[..., 0]  # every group holds its minimum ...
+    w[:, 1::group] = lo[..., 0] + 15 * 2**-6  # ... and its maximum: the step is exactly 2^-6
+    layer = Int4Linear(w, None)
+    assert layer.dequantizes and layer.outlier_cols.numel() == 0
+    assert torch.allclose(layer.dequantized().float(), w, atol=3e-3, rtol=0)  # bf16 rounding; a step is 0.016
+    x = torch.randn(3, k, generator=g).to(torch.bfloat16)
+    ref = x.float() @ w.T
+    out = layer(x).float()
+    assert float((out - ref).norm() / ref.norm()) < 0.01  # bf16 rounding only
+    many = torch.randn(Int4Linear.DEQUANTIZE_ROWS + 2, k, generator=g)  # a prefill: dequantized GEMM
+    gemm, gemv = layer(many), torch.cat([layer(many[i : i + 1]) for i in range(many.shape[0])])
+    assert float((gemm - gemv).norm() / gemv.norm()) < 0.005
+
+
+def test_int4_linear_error_and_shapes_the_layout_does_not_cover() -> None:
+    from model.llm import Int4Linear, Int8Linear
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g) * 0.02  # 96 rows: not whole 64-row blocks
+    w[:, 7] *= 60
+    bias = torch.randn(96, generator=g)
+    layer = Int4Linear(w, bias)
+    assert layer.outlier_cols.tolist() == [7] and not layer.dequantizes
+    x = torch.randn(Int4Linear.DEQUANTIZE_ROWS + 1, 64, generator=g)
+    ref = x @ w.T + bias
+    err = float((layer(x) - ref).norm() / (x @ w.T).norm())
+    err_int8 = float((Int8Linear(w, bias)(x) - ref).norm() / (x @ w.T).norm())
+    assert 2 * err_int8 < err < 0.03, (err, err_int8)  # 4-bit weights, the kernel on every row
+    assert layer(x[0]).shape == (96,)
+    with pytest.raises(ValueError, match="int4 needs"):
+        Int4Linear(torch.randn(96, 48), None)
+
+
+def test_int4_mode_runs_every_audio_task_near_fp32(tiny_ckpt, tiny_model: OmniModel, question_audio) -> None:
+    from benchmarks.compare import _agreement
+    from model.llm import Int4Linear, Int8Linear
+
+    model = OmniModel.load(tiny_ckpt, dtype="int4")
+    assert model.precision == "int4" and model.llm.dtype == torch.bfloat16
+    r, _ = _run(model, Task.A1A2, question_audio)
+    assert r.stop in ("eoa", "budget") and r.num_steps > 1
+    prompt = tiny_model.prompt(Task.A1A2, audio=question_audio)
+    ref = tiny_model.start(prompt, max_new_tokens=24, stop_rules=False).run()
+    agree = _agreement(tiny_model.llm, model.llm, prompt, [*ref.audio_steps.tolist(), ref.text_steps])
+    # measured 85% / 96% on the tiny checkpoint (int8: 96% / 100%)
+    assert agree["text_top1_match"] >= 0.85 and agree["audio_top1_match"] >= 0.7, agree
+    mlp, attn = model.llm.backbone.decoder_layers()[0].mlp, model.llm.backbone.decoder_layers()[0].self_attn
+    assert isinstance(mlp.up_proj, Int4Linear) and isinstance(attn.q_proj, Int8Linear)  # 4-bit MLPs only
+
+
 def test_int8_mode_runs_every_audio_task_close_to_fp32(tiny_ckpt, tiny_model: OmniModel, question_audio) -> None:
     from benchmarks.compare import _agreement
 
     model = OmniModel.load(tiny_ckpt, dtype="int8")
-    assert model.llm.is_int8 and model.llm.dtype == torch.bfloat16
+    assert model.llm.quantized == "int8" and model.precision == "int8" and model.llm.dtype == torch.bfloat16
     r, _ = _run(model, Task.A1A2, question_audio)
     assert r.stop in ("eoa", "budget") and r.num_steps > 1
     prompt = tiny_model.prompt(Task.A1A2, audio=question_audio)

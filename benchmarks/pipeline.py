@@ -21,6 +21,7 @@ import numpy as np
 from model.audio import load_audio_file
 from model.omni import OmniModel
 from model.prompts import Task
+from streaming.config import StageThreads
 from streaming.events import AudioChunk
 from streaming.runner import ModelRunner, ResponseRequest
 
@@ -36,6 +37,52 @@ class _Answer:
     stall: float = 0.0
 
 
+def _run_level(
+    runner: ModelRunner, request: ResponseRequest, n: int, steps: int, stagger_s: float | None
+) -> dict[str, Any]:
+    """n answers; all at once, or (stagger_s) each next one that long after the previous one's
+    first audio, i.e. a new turn's encode and prefill while the earlier answers play."""
+    t0 = time.monotonic()
+    handles = [runner.stream("r0", request)]
+    stats = [_Answer()]
+    deadline = t0 + 60 + steps * n
+    while len(handles) < n and stagger_s is None:
+        handles.append(runner.stream(f"r{len(handles)}", request))
+        stats.append(_Answer())
+    while time.monotonic() < deadline and not (len(handles) == n and all(h.done is not None for h in handles)):
+        due = stats[-1].first
+        if stagger_s is not None and due is not None and len(handles) < n and time.monotonic() >= due + stagger_s:
+            handles.append(runner.stream(f"r{len(handles)}", request))
+            stats.append(_Answer())
+        for h, st in zip(handles, stats, strict=True):
+            for ev in h.drain():
+                now = time.monotonic()
+                if isinstance(ev, AudioChunk):
+                    if st.first is None:
+                        st.first = now
+                        runner.playback(h.key, now)  # a listener starts here: the lead is bounded from it
+                    st.stall = max(st.stall, now - (st.first + st.audio_s))  # > 0: it came late
+                    st.audio_s += len(ev.pcm) / 2 / 24000
+                    st.end = now
+        time.sleep(0.002)
+    rtf = [st.audio_s / (st.end - st.first) for st in stats if st.first is not None and st.end > st.first]
+    # one decode step = one frame: steps/s of an answer from its first chunk to its last
+    sps = [r * REAL_TIME_STEPS_PER_S for r in rtf]
+    firsts = [(st.first - t0) * 1000 for st in stats if st.first is not None]
+    return {
+        "sessions": n,
+        "stagger_ms": None if stagger_s is None else round(stagger_s * 1000),
+        "first_audio_ms": round(statistics.median(firsts), 1) if firsts else None,
+        "real_time_factor_min": round(min(rtf), 3) if rtf else None,
+        "steps_per_s_per_session": round(statistics.median(sps), 2) if sps else None,
+        "steps_per_s_total": round(sum(sps), 2),
+        "max_stall_ms": round(max(st.stall for st in stats) * 1000, 1),
+        "audio_s_per_answer": round(float(np.mean([st.audio_s for st in stats])), 2),
+        "rss_mb": round(rss_mb(), 1),
+        "peak_rss_mb": round(rss_mb(peak=True), 1),
+    }
+
+
 def bench_pipeline(
     checkpoint: str | Path,
     question_wav: Path,
@@ -44,50 +91,31 @@ def bench_pipeline(
     steps: int = 120,
     levels: tuple[int, ...] = (1, 2),
     max_chunk_frames: int = 4,
+    stagger_ms: float | None = None,
+    max_audio_lead_ms: float = 1e9,
+    stage_threads: tuple[str, ...] = ("",),
 ) -> dict[str, Any]:
+    """`stage_threads`: StageThreads specs timed side by side ("" = the defaults), one runner
+    each on the same model. `max_audio_lead_ms`: how far an answer may run ahead of its
+    listener (the server's is 1000; unbounded by default, the throughput figure)."""
     model = OmniModel.load(checkpoint, dtype=dtype)
-    runner = ModelRunner(model).start()
     loaded_rss = rss_mb()
     audio = load_audio_file(question_wav)
+    request = ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=steps, stop_rules=False,
+                              max_audio_lead_ms=max_audio_lead_ms, max_chunk_frames=max_chunk_frames)  # fmt: skip
+    stagger_s = None if stagger_ms is None else stagger_ms / 1000
     rows = []
-    try:
-        for n in levels:
-            request = ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=steps, stop_rules=False,
-                                      max_audio_lead_ms=1e9, max_chunk_frames=max_chunk_frames)  # fmt: skip
-            t0 = time.monotonic()
-            handles = [runner.stream(f"r{i}", request) for i in range(n)]
-            stats = [_Answer() for _ in handles]
-            deadline = t0 + 60 + steps * n
-            while time.monotonic() < deadline and not all(h.done is not None for h in handles):
-                for h, st in zip(handles, stats, strict=True):
-                    for ev in h.drain():
-                        now = time.monotonic()
-                        if isinstance(ev, AudioChunk):
-                            first = st.first = now if st.first is None else st.first
-                            st.stall = max(st.stall, now - (first + st.audio_s))  # > 0: it came late
-                            st.audio_s += len(ev.pcm) / 2 / 24000
-                            st.end = now
-                time.sleep(0.002)
-            rtf = [st.audio_s / (st.end - st.first) for st in stats if st.first is not None and st.end > st.first]
-            # one decode step = one frame: steps/s of an answer from its first chunk to its last
-            sps = [r * REAL_TIME_STEPS_PER_S for r in rtf]
-            firsts = [(st.first - t0) * 1000 for st in stats if st.first is not None]
-            rows.append({
-                "sessions": n,
-                "first_audio_ms": round(statistics.median(firsts), 1) if firsts else None,
-                "real_time_factor_min": round(min(rtf), 3) if rtf else None,
-                "steps_per_s_per_session": round(statistics.median(sps), 2) if sps else None,
-                "steps_per_s_total": round(sum(sps), 2),
-                "max_stall_ms": round(max(st.stall for st in stats) * 1000, 1),
-                "audio_s_per_answer": round(float(np.mean([st.audio_s for st in stats])), 2),
-                "rss_mb": round(rss_mb(), 1),
-                "peak_rss_mb": round(rss_mb(peak=True), 1),
-            })  # fmt: skip
-            print(rows[-1])
-    finally:
-        stage_threads = runner.stage_threads()
-        runner.close()
+    for spec in stage_threads:
+        threads = StageThreads.parse(spec)
+        runner = ModelRunner(model, threads=threads).start()
+        try:
+            for n in levels:
+                row = {"stage_threads": threads.as_json(), **_run_level(runner, request, n, steps, stagger_s)}
+                rows.append(row)
+                print(row)
+        finally:
+            runner.close()
     return {"benchmark": "pipeline", "checkpoint": str(checkpoint), "dtype": dtype, "precision": model.precision,
-            "steps": steps, "stage_threads": stage_threads,
+            "steps": steps, "max_audio_lead_ms": max_audio_lead_ms,
             "max_chunk_frames": max_chunk_frames, "loaded_rss_mb": round(loaded_rss, 1), "levels": rows,
             "machine": machine_info()}  # fmt: skip

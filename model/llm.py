@@ -304,10 +304,13 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """4-bit weights, asymmetric per group of GROUP inputs (a bf16 scale and offset each), by
     torch's CPU int4 weight-only kernel (torch._weight_int4pack_mm_for_cpu, gpt-fast's): half
-    int8's bytes, and on the hosts measured a faster kernel (README, Precision)."""
+    int8's bytes, and on the hosts measured a faster kernel (README, Precision). A prefill's
+    rows go through the kernel too: unpacking torch's packed layout for a bf16 GEMM cost more
+    than the kernel's own 103-row call (4864 x 896: 8.7 vs 6.7 ms)."""
 
     GROUP = 32
-    weight_int4: torch.Tensor  # torch's packed layout: (out, in / 2) uint8
+    dequantizes = False
+    weight_int4: torch.Tensor  # torch's packed layout, (out, in / 2) uint8
     scales_zeros: torch.Tensor  # (in / GROUP, out, 2) bf16: w = (u - 8) * scale + zero
 
     def _quantize(self, w: torch.Tensor) -> None:
@@ -318,29 +321,17 @@ class Int4Linear(QuantLinear):
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         u = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
-        # w ~ lo + u * scale = (u - 8) * scale + (lo + 8 * scale)
-        zero = lo + 8 * scale
+        zero = lo + 8 * scale  # w ~ lo + u * scale = (u - 8) * scale + zero
         self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1))
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.register_buffer("scales_zeros", sz)
-        # The packed layout is torch's (64-row blocks, rows j and j + 32 share a byte): read back
-        # here so a shape or a build that packs otherwise falls back to the kernel for prefills.
-        self.dequantizes = n % 64 == 0 and torch.equal(self._unpack().to(torch.int32), u)
-
-    def _unpack(self) -> torch.Tensor:
-        """The packed weights back as (out, in) uint8 in 0..15."""
-        n, k = self.out_features, self.in_features
-        blocks = self.weight_int4.view(n // 64, k, 32)
-        return torch.cat([blocks & 15, blocks >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x, self.weight_int4, self.GROUP, self.scales_zeros)
 
     def dequantized(self) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        u = self._unpack().to(torch.bfloat16).reshape(n, k // self.GROUP, self.GROUP) - 8
-        scale, zero = self.scales_zeros.transpose(0, 1).unbind(-1)
-        return (u * scale[..., None] + zero[..., None]).reshape(n, k)
+        # By the kernel itself (the identity's rows): independent of how torch packs.
+        return self._matmul(torch.eye(self.in_features, dtype=torch.bfloat16)).T.contiguous()
 
 
 QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear}  # precision -> the MLPs' layer kind

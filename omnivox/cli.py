@@ -29,6 +29,11 @@ DTYPE_HELP = (
     "host and picks the fastest (a more exact one within 10%%); int8: CPU only, int8 weights with bf16 "
     "activations (approximate); int4: CPU only, 4-bit MLP weights, int8 elsewhere (fastest, least exact, opt-in)"
 )
+STAGE_THREADS_HELP = (
+    "torch threads per runner stage, e.g. 'llm=2,encoder=2,encoder_busy=1,snac=1'; unnamed stages: every "
+    "core for the decode step and for an encode alone, half of them for an encode beside playing answers, "
+    "1 for SNAC"
+)
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
 
 
@@ -169,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "allow_unauthenticated": args.allow_unauthenticated or None,
         "demo_tokens": args.demo_tokens or None,
         "ice_servers": args.ice_servers,
+        "stage_threads": args.stage_threads,
     }
     settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     has_ckpt = settings.checkpoint_dir is not None or settings.checkpoint is not None
@@ -327,7 +333,9 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     question = _wav_arg(None, "question.wav", "--question-wav")
     levels = tuple(int(x) for x in args.sessions.split(","))
     result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=levels,
-                            max_chunk_frames=args.max_chunk_frames)  # fmt: skip
+                            max_chunk_frames=args.max_chunk_frames, stagger_ms=args.stagger_ms,
+                            max_audio_lead_ms=args.max_audio_lead_ms,
+                            stage_threads=tuple(args.stage_threads.split(";")))  # fmt: skip
     _save_json(args.json, result)
     return 0
 
@@ -411,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ice-servers", type=json.loads, default=None,
                     help='WebRTC STUN/TURN servers as JSON, e.g. \'[{"urls": "turn:host:3478", "username": "u", '
                          '"credential": "p"}]\' (OMNIVOX_ICE_SERVERS; default none: host candidates only)')  # fmt: skip
+    sv.add_argument("--stage-threads", default=None, help=STAGE_THREADS_HELP + " (OMNIVOX_STAGE_THREADS)")
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the upstream layout")
@@ -503,6 +512,20 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--steps", type=int, default=120)
     bp.add_argument("--sessions", default="1,2")
     bp.add_argument("--max-chunk-frames", type=int, default=4)
+    bp.add_argument("--stagger-ms", type=float, default=None,
+                    help="start each next answer this long after the previous one's first audio (a new turn "
+                         "while answers play); default: all at once")  # fmt: skip
+    bp.add_argument(
+        "--max-audio-lead-ms",
+        type=float,
+        default=1e9,
+        help="how far an answer may run ahead of its listener (the server's: 1000; default unbounded)",
+    )
+    bp.add_argument(
+        "--stage-threads",
+        default="",
+        help="StageThreads specs side by side, ';'-separated ('' = defaults): " + STAGE_THREADS_HELP,
+    )
     bp.add_argument("--json", type=Path)
     bp.set_defaults(func=cmd_bench_pipeline, device="cpu")
     bc = bsub.add_parser("compare", help="ours vs a naive upstream-style loop, fp32 and bf16, side by side")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streaming.config import StageThreads
 
 
 class IceServer(BaseModel):
@@ -32,6 +34,9 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = None
     allow_unauthenticated: bool = False  # needed to bind a non-loopback address without a key
     max_sessions: int = Field(8, ge=1, le=1024)
+    # torch threads per runner stage, "llm=2,encoder=2,encoder_busy=1,snac=1" (streaming.config.
+    # StageThreads); unnamed stages: all cores for llm and a lone encode, half beside answers, 1 for SNAC.
+    stage_threads: str = ""
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     # A client this far behind (events or bytes queued for it), or that takes nothing for
     # send_timeout_s while data waits, is disconnected with 1008.
@@ -60,6 +65,15 @@ class ServerSettings(BaseSettings):
     # (JSON in OMNIVOX_CORS_ORIGINS, e.g. ["https://app.example.com"]); none by default: the
     # bundled page is same-origin.
     cors_origins: tuple[str, ...] = ()
+
+    @field_validator("stage_threads")
+    @classmethod
+    def _valid_stage_threads(cls, value: str) -> str:
+        StageThreads.parse(value)  # raises ValueError with what is wrong
+        return value
+
+    def threads(self) -> StageThreads:
+        return StageThreads.parse(self.stage_threads)
 
     def is_loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

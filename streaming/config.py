@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -65,6 +66,58 @@ class TurnDetection:
 def _check_range(name: str, value: int, bounds: tuple[int, int]) -> None:
     if not bounds[0] <= value <= bounds[1]:
         raise ValueError(f"{name} must be in [{bounds[0]}, {bounds[1]}], got {value}")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+STAGES = ("llm", "encoder", "encoder_busy", "snac")
+
+
+@dataclass(frozen=True)
+class StageThreads:
+    """torch intra-op threads per runner stage, each set on the stage's own thread (OpenMP's
+    count is per thread). The decode step (llm) is the critical path of every playing answer
+    and gets every core. The encoder gets every core when no answer is decoding (a lone
+    turn's Whisper encode is most of its time to first audio) and `encoder_busy` while one is,
+    so a new turn's encode does not starve answers that are playing (issue 14, item 6). SNAC
+    windows are small: one thread. The VAD, the end-of-turn model and faster-whisper run one
+    thread each (their own sessions' settings)."""
+
+    llm: int
+    encoder: int
+    encoder_busy: int
+    snac: int
+
+    def __post_init__(self) -> None:
+        for name in STAGES:
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage threads must be >= 1, got {name}={getattr(self, name)}")
+
+    @classmethod
+    def for_cores(cls, cores: int | None = None) -> StageThreads:
+        n = max(1, cores if cores is not None else available_cores())
+        return cls(llm=n, encoder=n, encoder_busy=max(1, n // 2), snac=1)
+
+    @classmethod
+    def parse(cls, spec: str, cores: int | None = None) -> StageThreads:
+        """ "llm=2,encoder=2,encoder_busy=1,snac=1"; stages not named keep for_cores' value."""
+        base = cls.for_cores(cores)
+        values: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or name.strip() not in STAGES or not value.strip().isdigit():
+                raise ValueError(f"stage threads: expected name=N with name in {', '.join(STAGES)}, got {part!r}")
+            values[name.strip()] = int(value)
+        return replace(base, **values)
+
+    def as_json(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in STAGES}
 
 
 class InterruptMode(str, Enum):

@@ -43,6 +43,7 @@ from model.omni import OmniModel
 from model.prompts import Prompt, Task
 
 from .audio_out import StreamingSnacDecoder, decode_windows
+from .config import STAGES, StageThreads
 from .events import AudioChunk, Event, ResponseDone, TranscriptDelta
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class _Encoded:
     prompt: Prompt | None
     encode_ms: float
     error: str | None = None
+    threads: int = 0  # the encoder's torch threads for this encode
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ class _Job:
     events_acked: int = 0
     play_start: float | None = None
     encode_ms: float = 0.0
+    encode_threads: int = 0
     prefill_ms: float | None = None
     t_prefill_done: float = 0.0
     first_frame_ms: float | None = None
@@ -180,9 +183,23 @@ class _Job:
         self.sink(event)
 
 
+def _set_threads(n: int) -> int:
+    """The calling thread's torch intra-op threads; returns what it reads back."""
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 class ModelRunner:
-    def __init__(self, model: OmniModel, max_active: int = 16, max_pending: int = 32, max_unacked: int = 256) -> None:
+    def __init__(
+        self,
+        model: OmniModel,
+        max_active: int = 16,
+        max_pending: int = 32,
+        max_unacked: int = 256,
+        threads: StageThreads | None = None,
+    ) -> None:
         self.model = model
+        self.threads = threads or StageThreads.for_cores()
         self.max_active = max_active
         self.max_unacked = max_unacked
         self._slots = threading.BoundedSemaphore(max_active + max_pending)
@@ -199,14 +216,16 @@ class ModelRunner:
         self._decoder_thread = threading.Thread(target=self._run_snac, name="omnivox-snac", daemon=True)
         self._encoder_thread = threading.Thread(target=self._run_encoder, name="omnivox-encode", daemon=True)
         self.steps_total = 0  # written by the decode thread only
-        # torch intra-op threads as each stage's own thread sees them (OpenMP's count is per
-        # thread: another library's setting on the main thread says nothing about these).
-        self.llm_threads: int | None = None
-        self.encoder_threads: int | None = None
-        self.snac_threads: int | None = None
+        # Answers the decode thread is stepping, published by it (an int: read from the
+        # encoder thread to pick its thread count, never written there).
+        self.answers_stepping = 0
+        # torch intra-op threads as each stage's own thread reads them after setting its
+        # budget (OpenMP's count is per thread: another library's setting on the main thread
+        # says nothing about these); the encoder's for an encode alone and one beside answers.
+        self._stage_read: dict[str, int] = {}
 
     def stage_threads(self) -> dict[str, int | None]:
-        return {"llm": self.llm_threads, "encoder": self.encoder_threads, "snac": self.snac_threads}
+        return {name: self._stage_read.get(name) for name in STAGES}
 
     def start(self) -> ModelRunner:
         self._thread.start()
@@ -264,7 +283,7 @@ class ModelRunner:
     # ---------------- decode thread ----------------
 
     def _run(self) -> None:
-        self.llm_threads = torch.get_num_threads()
+        self._stage_read["llm"] = _set_threads(self.threads.llm)
         progressed = False
         while True:
             # Block for the next message unless there is stepping to do; a response paused by
@@ -275,6 +294,7 @@ class ModelRunner:
                 break
             self._admit()
             progressed = self._round(time.monotonic())
+            self.answers_stepping = sum(1 for j in self._active if not j.held)
         for job in list(self._jobs.values()):
             self._finish(job, "cancelled", reason="server_shutdown")
         self._to_encode.put(None)
@@ -308,7 +328,7 @@ class ModelRunner:
             if msg.error is not None:
                 self._finish(job, "failed", reason=msg.error)
             else:
-                job.prompt, job.encode_ms = msg.prompt, msg.encode_ms
+                job.prompt, job.encode_ms, job.encode_threads = msg.prompt, msg.encode_ms, msg.threads
         elif isinstance(msg, _Cancel):
             self._finish(job, "cancelled", reason=msg.reason)
         elif isinstance(msg, _Release):
@@ -466,6 +486,7 @@ class ModelRunner:
             decode_s = time.perf_counter() - job.t_prefill_done if job.steps > 1 else 0.0
             timings = {
                 "encode_ms": round(job.encode_ms, 2),
+                "encode_threads": job.encode_threads,
                 "prefill_ms": round(job.prefill_ms, 2) if job.prefill_ms is not None else None,
                 "first_frame_ms": round(job.first_frame_ms, 2) if job.first_frame_ms is not None else None,
                 "steps": job.steps,
@@ -483,7 +504,9 @@ class ModelRunner:
 
     def _run_encoder(self) -> None:
         """Whisper (and CLIP) encode each request's inputs into its prompt, in submit order."""
-        self.encoder_threads = torch.get_num_threads()
+        budget = self.threads
+        self._stage_read["encoder_busy"] = _set_threads(budget.encoder_busy)
+        self._stage_read["encoder"] = threads = _set_threads(budget.encoder)
         cancelled: OrderedDict[int, None] = OrderedDict()  # keys cancelled before their encode began
         while (job := self._to_encode.get()) is not None:
             while True:
@@ -496,6 +519,11 @@ class ModelRunner:
             if job.key in cancelled:  # e.g. a dropped speculation: its end went out when it was cancelled
                 del cancelled[job.key]
                 continue
+            # All cores for an encode alone; fewer beside answers being decoded, whose steps
+            # must keep their audio ahead of playback.
+            want = budget.encoder_busy if self.answers_stepping else budget.encoder
+            if want != threads:
+                threads = _set_threads(want)
             req = job.request
             t0 = time.perf_counter()
             try:
@@ -507,14 +535,14 @@ class ModelRunner:
                     log.exception("response %s failed in its encode", job.response_id)
                 self._inbox.put_nowait(_Encoded(job.key, None, 0.0, error=failure_message(e)))
                 continue
-            self._inbox.put_nowait(_Encoded(job.key, prompt, (time.perf_counter() - t0) * 1000))
+            self._inbox.put_nowait(_Encoded(job.key, prompt, (time.perf_counter() - t0) * 1000, threads=threads))
 
     # ---------------- SNAC thread ----------------
 
     def _run_snac(self) -> None:
         """The windows of every answer that are ready decode together; each answer's audio and
         its end go to its sink in order."""
-        self.snac_threads = torch.get_num_threads()
+        self._stage_read["snac"] = _set_threads(self.threads.snac)
         state = _SnacState()
         while True:
             items = [self._to_snac.get()]

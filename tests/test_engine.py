@@ -556,3 +556,51 @@ def test_a_client_that_stops_reading_is_cut_off_by_bytes(tiny_ckpt: Path) -> Non
         slow.close()
     finally:
         stop_server(r)
+
+
+def test_stage_threads_parse_and_defaults() -> None:
+    from streaming.config import StageThreads
+
+    assert StageThreads.for_cores(2) == StageThreads(llm=2, encoder=2, encoder_busy=1, snac=1)
+    assert StageThreads.for_cores(8) == StageThreads(llm=8, encoder=8, encoder_busy=4, snac=1)
+    assert StageThreads.parse("snac=2, encoder_busy=2", cores=4) == StageThreads(4, 4, 2, 2)
+    assert StageThreads.parse("", cores=1) == StageThreads(1, 1, 1, 1)
+    for bad in ("llm=0", "gpu=2", "llm", "llm=two"):
+        with pytest.raises(ValueError, match="stage threads"):
+            StageThreads.parse(bad)
+    with pytest.raises(ValueError, match="stage_threads"):
+        ServerSettings(stage_threads="snac=0")
+
+
+def test_each_stage_runs_its_budget_and_an_encode_beside_a_playing_answer_takes_fewer(
+    tiny_model: Any, vad: Any
+) -> None:
+    """The budget is set on each stage's own thread; the encoder takes every core it is given
+    for a turn alone and `encoder_busy` while another answer is being decoded."""
+    import torch
+
+    from model.prompts import Task
+    from streaming.config import StageThreads
+    from streaming.events import AudioChunk
+    from streaming.runner import ResponseRequest
+
+    main_threads = torch.get_num_threads()
+    threads = StageThreads(llm=2, encoder=3, encoder_busy=1, snac=1)
+    runner = ModelRunner(tiny_model, threads=threads).start()
+    try:
+        audio = np.zeros(16000, np.float32)
+        long = ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=400, stop_rules=False, max_audio_lead_ms=1e9)
+        first = runner.stream("a", long)
+        while not isinstance(first.get(timeout=30), AudioChunk):  # queue.Empty if it never plays
+            pass
+        second = runner.stream("b", ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=8, stop_rules=False))
+        done_b = second.wait(60)
+        first.cancel()
+        done_a = first.wait(60)
+        assert done_a is not None and done_b is not None
+        assert done_a.timings["encode_threads"] == 3  # alone: the whole encoder budget
+        assert done_b.timings["encode_threads"] == 1  # beside answer a, still stepping
+        assert runner.stage_threads() == {"llm": 2, "encoder": 3, "encoder_busy": 1, "snac": 1}
+        assert torch.get_num_threads() == main_threads  # the stages' settings stay on their threads
+    finally:
+        runner.close()

@@ -90,7 +90,7 @@ def bench_pipeline(
     dtype: str = "auto",
     steps: int = 120,
     levels: tuple[int, ...] = (1, 2),
-    max_chunk_frames: int = 4,
+    max_chunk_frames: int = 8,
     stagger_ms: float | None = None,
     max_audio_lead_ms: float = 1e9,
     stage_threads: tuple[str, ...] = ("",),

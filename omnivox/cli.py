@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--dtype", default="auto", choices=list(PRECISIONS), help=DTYPE_HELP + " (default %(default)s)")
     bp.add_argument("--steps", type=int, default=120)
     bp.add_argument("--sessions", default="1,2")
-    bp.add_argument("--max-chunk-frames", type=int, default=4)
+    bp.add_argument("--max-chunk-frames", type=int, default=8)
     bp.add_argument("--stagger-ms", type=float, default=None,
                     help="start each next answer this long after the previous one's first audio (a new turn "
                          "while answers play); default: all at once")  # fmt: skip

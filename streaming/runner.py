@@ -69,7 +69,7 @@ class ResponseRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int | None = None
     chunk_frames: int = 1
-    max_chunk_frames: int = 4
+    max_chunk_frames: int = 8  # streaming.config.SessionConfig says why
     left_context_frames: int = 3
     lookahead_frames: int = 3
     first_lookahead_frames: int | None = None  # opt-in fast start: less lookahead on the first chunk only

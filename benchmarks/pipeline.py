@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,9 @@ def bench_pipeline(
         threads = StageThreads.parse(spec)
         runner = ModelRunner(model, threads=threads).start()
         try:
+            # One short answer first: oneDNN builds SNAC's kernels for each window size (up to
+            # 14 of them, ~0.5-1 s each on the full model) during the first answers a server makes.
+            runner.stream("warm-up", replace(request, max_new_tokens=24)).wait(300)
             for n in levels:
                 row = {"stage_threads": threads.as_json(), **_run_level(runner, request, n, steps, stagger_s)}
                 rows.append(row)

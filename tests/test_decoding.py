@@ -283,6 +283,29 @@ def test_int8_linear_splits_off_outlier_columns(monkeypatch: pytest.MonkeyPatch)
     assert float((gemm - gemv).norm() / gemv.norm()) < 0.005  # the same int8 weights, bf16 rounding apart
 
 
+def test_ort_int8_linear_for_the_head_text_slice() -> None:
+    """ONNX Runtime's MatMulNBits (int8 weights per 32 inputs, int8 activations per block)
+    against fp32, with an outlier column kept in bf16 as in the torch kinds."""
+    from model.llm import Int8Linear, OrtInt8Linear
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(640, 64, generator=g) * 0.02
+    w[:, 3] *= 60
+    layer = OrtInt8Linear(w, None)
+    assert layer.outlier_cols.tolist() == [3]
+    for rows in (1, 2, OrtInt8Linear.DEQUANTIZE_ROWS + 1):
+        x = torch.randn(rows, 64, generator=g)
+        ref = x @ w.T
+        out = layer(x)
+        assert out.dtype == x.dtype and out.shape == ref.shape
+        err = float((out - ref).norm() / ref.norm())
+        assert err < 0.02, (rows, err)
+        assert err < 2 * float((Int8Linear(w, None)(x) - ref).norm() / ref.norm()) + 0.005
+    assert layer(torch.randn(64, generator=g)).shape == (640,)
+    with pytest.raises(ValueError, match="MatMulNBits needs"):
+        OrtInt8Linear(torch.randn(64, 48), None)
+
+
 def test_int4_linear_computes_its_own_dequantized_weights() -> None:
     """The int4 kernel computes the group scale/offset form exactly (weights on its grid)."""
     from model.llm import Int4Linear
@@ -348,6 +371,9 @@ def test_int8_mode_runs_every_audio_task_close_to_fp32(tiny_ckpt, tiny_model: Om
 
     model = OmniModel.load(tiny_ckpt, dtype="int8")
     assert model.llm.quantized == "int8" and model.precision == "int8" and model.llm.dtype == torch.bfloat16
+    from model.llm import OrtInt8Linear, QuantHead
+
+    assert isinstance(model.llm.lm_head, QuantHead) and isinstance(model.llm.lm_head.text, OrtInt8Linear)
     r, _ = _run(model, Task.A1A2, question_audio)
     assert r.stop in ("eoa", "budget") and r.num_steps > 1
     prompt = tiny_model.prompt(Task.A1A2, audio=question_audio)

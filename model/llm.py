@@ -339,8 +339,9 @@ class OrtInt8Linear(QuantLinear):
     accuracy level 4: activations quantized to int8 per block, VNNI dot products). For the
     head's 152000-row text slice, the one matrix a decode step reads that is larger than a
     layer: torch's int8 kernel read it at 9 GB/s, this one at 23 (6.6 vs 15.0 ms at 2 rows,
-    README, Weight-only kernels). One session for one matrix: the per-call overhead that
-    rules it out for the 168 small layer matmuls is ~1% here."""
+    README, Weight-only kernels). The layers stay with torch: as one session per matmul ORT
+    gained little there (24 layers: 30.9 vs 36.3 ms) for 168 sessions; its gain needs the
+    whole step as one graph."""
 
     BLOCK = 32
     dequantizes = False
@@ -389,16 +390,14 @@ QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear}  # precision -> the MLPs' l
 
 
 class QuantHead(nn.Module):
-    """The output head in a quantized mode: the text slice and the 7 audio slices as two
-    quantized layers (a step reads only the slices it needs); calling it gives the whole padded
-    vocab."""
+    """The output head in a quantized mode: the text slice (OrtInt8Linear) and the 7 audio
+    slices (Int8Linear) as two quantized layers (a step reads only the slices it needs);
+    calling it gives the whole padded vocab."""
 
-    def __init__(
-        self, weight: torch.Tensor, text_rows: int, kind: type[QuantLinear], text_kind: type[QuantLinear] | None = None
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, text_rows: int) -> None:
         super().__init__()
-        self.text = (text_kind or kind)(weight[:text_rows], None)
-        self.audio = kind(weight[text_rows:], None)
+        self.text = OrtInt8Linear(weight[:text_rows], None)
+        self.audio = Int8Linear(weight[text_rows:], None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.text(h), self.audio(h)], dim=-1)
@@ -436,7 +435,7 @@ class OmniLM(nn.Module):
         return self
 
     def quantize_(self, precision: str = "int8") -> OmniLM:
-        """Approximate modes, matmuls by torch's weight-only kernels with bf16 activations.
+        """Approximate modes: weight-only quantized matmuls with bf16 activations.
         int8: every Linear of the decoder layers and the head's audio slices hold int8 weights,
         one scale per output row, by torch's kernel; the head's text slice has a scale per 32
         inputs, by ONNX Runtime's (OrtInt8Linear). A decode step reads half the bytes of
@@ -451,7 +450,7 @@ class OmniLM(nn.Module):
         if self.dtype != torch.float32 or isinstance(self.lm_head, QuantHead):
             raise ValueError("quantize_ needs the fp32 model")
         # The quantized head replaces the fp32 one (unless tied, its weights are then freed).
-        self.lm_head = QuantHead(self.lm_head.weight, self.layout.padded_text_vocab_size, Int8Linear, OrtInt8Linear)
+        self.lm_head = QuantHead(self.lm_head.weight, self.layout.padded_text_vocab_size)
         mlp_kind = QUANTIZED[precision]
         for layer in self.backbone.decoder_layers():
             for parent, kind in ((layer.self_attn, Int8Linear), (layer.mlp, mlp_kind)):

@@ -16,13 +16,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .llm import Int4Linear, Int8Linear
+from .llm import QUANTIZED
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 AUTO_CANDIDATES = ("float32", "bfloat16", "int8")
 # A more exact precision within this factor of the fastest one wins: fidelity for ~equal speed.
 NEAR_TIE = 1.10
-BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.7}  # int4: scales, int8 attention
+# int4: half a byte plus a bf16 scale and offset per 32 weights
+BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.625}
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,7 @@ class ProbeResult:
     threads: int
     layers_timed: int
     seconds: float
-    rounds: int = 0
-    samples: dict[str, list[float]] = field(default_factory=dict)
+    rounds: int
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -88,9 +88,8 @@ def _build(precision: str, weights: list[torch.Tensor]) -> Callable[[dict[int, t
         mats = weights
     elif precision == "bfloat16":
         mats = [w.to(torch.bfloat16) for w in weights]
-    elif precision in ("int8", "int4"):
-        kind = Int8Linear if precision == "int8" else Int4Linear
-        layers = [kind(w, None) for w in weights]
+    elif precision in QUANTIZED:
+        layers = [QUANTIZED[precision](w, None) for w in weights]
 
         def run_quant(xs: dict[int, torch.Tensor]) -> None:
             for layer in layers:
@@ -147,7 +146,6 @@ def probe_precisions(
     scale = cfg.n_layer / n_layers
     ms = {p: round(statistics.median(s) * scale, 2) for p, s in samples.items()}
     choice, reason = pick_precision(ms, list(candidates))
-    result = ProbeResult(choice, reason, ms, torch.get_num_threads(), n_layers, time.perf_counter() - t0, done,
-                         samples)  # fmt: skip
+    result = ProbeResult(choice, reason, ms, torch.get_num_threads(), n_layers, time.perf_counter() - t0, done)
     log.info("dtype auto: %s, %s; probe took %.2f s on %d threads", choice, reason, result.seconds, result.threads)
     return result

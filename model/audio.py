@@ -134,11 +134,15 @@ class WhisperEncoder(nn.Module):
         return enc.eval()
 
     @torch.inference_mode()
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel (B, n_mels, 2T), T <= 1500 -> features (B, T, n_audio_state).
+    def forward(self, mel: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        """mel (B, n_mels, 2T), T <= 1500 -> features (B, T, n_audio_state), or of the first
+        `keep` frames only.
 
         openai-whisper's AudioEncoder.forward, op for op, except that the positional embedding
-        is sliced to T instead of asserting T = 1500 (the 30 s window gives the same numbers).
+        is sliced to T instead of asserting T = 1500 (the 30 s window gives the same numbers),
+        and that with `keep` the last block computes only the rows kept: every earlier block's
+        rows are the last one's keys and values, but its own other rows feed nothing (a 2 s
+        turn keeps 100 of 1500, so most of a block's work is skipped; values are unchanged).
         """
         enc = self.encoder
         p = enc.conv1.weight
@@ -146,8 +150,18 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(enc.conv1(x))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)  # (B, T, C)
         x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
-        for block in enc.blocks:
+        blocks = list(enc.blocks)
+        if keep is None or keep >= x.shape[1] or not blocks:
+            for block in blocks:
+                x = block(x)
+            return enc.ln_post(x[:, :keep]).float()
+        for block in blocks[:-1]:
             x = block(x)
+        last = blocks[-1]
+        h = last.attn_ln(x)
+        # queries from the kept rows, keys and values from all (Whisper's cross-attention path)
+        x = x[:, :keep] + last.attn(h[:, :keep], xa=h)[0]
+        x = x + last.mlp(last.mlp_ln(x))
         return enc.ln_post(x).float()
 
     def encode(self, audio: np.ndarray, window: str = "padded") -> torch.Tensor:
@@ -161,4 +175,4 @@ class WhisperEncoder(nn.Module):
         n = feature_frames(audio.size)
         frames = N_FRAMES if window == "padded" else min(2 * (n + 1), N_FRAMES)
         mel = log_mel(audio, self.dims.n_mels, frames)[None]
-        return self.forward(mel)[0, :n]
+        return self.forward(mel, keep=n)[0]

@@ -39,13 +39,18 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def release_freed_memory() -> None:
@@ -175,6 +180,11 @@ class OmniModel:
             "loaded %s (%s, %s, %s, whisper window %s) in %.1f s",
             root, model.family, device, precision, whisper_window, time.perf_counter() - t0,
         )  # fmt: skip
+        if whisper_window == "trimmed" and with_whisper:
+            log.warning(
+                "whisper window trimmed: on trained Whisper weights (tiny.en) its features are 23-41%% off the "
+                "padded encode the model was trained on; answers will suffer (README, Whisper encode)"
+            )
         return model
 
     def encode_audio(self, audio: np.ndarray) -> torch.Tensor:

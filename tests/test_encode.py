@@ -39,6 +39,21 @@ def test_padded_is_the_default_and_openai_whispers_forward(tiny_model: OmniModel
         assert torch.equal(whisper.encode(audio), whisper.encode(audio, "padded"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keeping_the_first_frames_changes_no_value(audios, dtype: torch.dtype) -> None:
+    """forward(keep=n) skips the last block's other rows: the kept rows are bit-identical."""
+    torch.manual_seed(0)
+    for layers in (0, 1, 3):
+        whisper = WhisperEncoder(WhisperDims(80, 1500, 64, 2, layers)).eval().cast_(dtype)
+        for audio in audios.values():
+            mel = log_mel(audio)[None]
+            n = feature_frames(audio.size)
+            full = whisper(mel)
+            assert torch.equal(whisper(mel, keep=n), full[:, :n])
+            assert torch.equal(whisper(mel, keep=1500), full) and torch.equal(whisper(mel, keep=4000), full)
+            assert torch.equal(whisper.encode(audio), full[0, :n])
+
+
 @pytest.mark.parametrize("samples", [1, 319, 320, 21457, SAMPLE_RATE * 29 + 5])
 def test_short_log_mel_is_the_padded_log_mel_cut(samples: int) -> None:
     audio = np.random.default_rng(samples).standard_normal(samples).astype(np.float32) * 0.1
@@ -72,8 +87,10 @@ def test_trimmed_is_the_padded_encode_for_a_full_window() -> None:
     assert torch.equal(whisper.encode(audio, "trimmed"), whisper.encode(audio, "padded"))
 
 
-def test_load_takes_the_window(tiny_ckpt: Path, tiny_model: OmniModel, audios) -> None:
-    model = OmniModel.load(tiny_ckpt, with_snac=False, whisper_window="trimmed")
+def test_load_takes_the_window(tiny_ckpt: Path, tiny_model: OmniModel, audios, caplog) -> None:
+    with caplog.at_level("WARNING", logger="model.omni"):
+        model = OmniModel.load(tiny_ckpt, with_snac=False, whisper_window="trimmed")
+    assert any("whisper window trimmed" in r.getMessage() for r in caplog.records)
     assert model.whisper is not None and model.whisper_window == "trimmed"
     audio = audios["question"]
     assert torch.equal(model.encode_audio(audio), model.whisper.encode(audio, "trimmed"))
@@ -110,14 +127,14 @@ def test_bench_encode_reports_every_variant(tiny_ckpt: Path, tmp_path: Path) -> 
     doc = json.loads(out.read_text())
     assert set(doc["machine"]) >= {"cpu_model", "cores", "torch", "threads"}
     rows = {(r["precision"], r["window"], r["audio"]): r for r in doc["rows"]}
-    assert len(rows) == 3 * 2 * 2
+    assert len(rows) == 4 * 2 * 2
     for audio, name in ((fixture_audio("question"), "question"), (fixture_audio("weather"), "weather")):
         exact = rows[("float32", "padded", name)]
         assert exact["max_rel"] == 0 and exact["cos_min"] == 1
-        for precision in ("bfloat16", "int8"):  # the approximate precisions stay close to fp32
+        for precision in ("bfloat16", "int8", "int8-dynamic"):  # on random weights all stay close to fp32
             row = rows[(precision, "padded", name)]
             assert row["mean_rel"] < 0.01 and row["max_rel"] < 0.1 and row["cos_min"] > 0.999, row
-        for precision in ("float32", "bfloat16", "int8"):
+        for precision in ("float32", "bfloat16", "int8", "int8-dynamic"):
             assert rows[(precision, "trimmed", name)]["frames"] == feature_frames(audio.size)
 
 

@@ -10,6 +10,7 @@ first chunk would hear (0 = never starved).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ class _Answer:
     end: float = 0.0
     audio_s: float = 0.0
     stall: float = 0.0
+    gap: float = 0.0  # the longest wait between two of its audio chunks
 
 
 def _run_level(
@@ -62,6 +64,7 @@ def _run_level(
                         st.first = now
                         runner.playback(h.key, now)  # a listener starts here: the lead is bounded from it
                     st.stall = max(st.stall, now - (st.first + st.audio_s))  # > 0: it came late
+                    st.gap = max(st.gap, now - (st.end or now))
                     st.audio_s += len(ev.pcm) / 2 / 24000
                     st.end = now
         time.sleep(0.002)
@@ -77,6 +80,7 @@ def _run_level(
         "steps_per_s_per_session": round(statistics.median(sps), 2) if sps else None,
         "steps_per_s_total": round(sum(sps), 2),
         "max_stall_ms": round(max(st.stall for st in stats) * 1000, 1),
+        "max_chunk_gap_ms": round(max(st.gap for st in stats) * 1000, 1),
         "audio_s_per_answer": round(float(np.mean([st.audio_s for st in stats])), 2),
         "rss_mb": round(rss_mb(), 1),
         "peak_rss_mb": round(rss_mb(peak=True), 1),
@@ -94,6 +98,7 @@ def bench_pipeline(
     stagger_ms: float | None = None,
     max_audio_lead_ms: float = 1e9,
     stage_threads: tuple[str, ...] = ("",),
+    prefill_chunks: tuple[int, ...] = (64,),
 ) -> dict[str, Any]:
     """`stage_threads`: StageThreads specs timed side by side ("" = the defaults), one runner
     each on the same model. `max_audio_lead_ms`: how far an answer may run ahead of its
@@ -105,15 +110,16 @@ def bench_pipeline(
                               max_audio_lead_ms=max_audio_lead_ms, max_chunk_frames=max_chunk_frames)  # fmt: skip
     stagger_s = None if stagger_ms is None else stagger_ms / 1000
     rows = []
-    for spec in stage_threads:
+    for spec, prefill_chunk in itertools.product(stage_threads, prefill_chunks):
         threads = StageThreads.parse(spec)
-        runner = ModelRunner(model, threads=threads).start()
+        runner = ModelRunner(model, threads=threads, prefill_chunk=prefill_chunk).start()
         try:
-            # One short answer first: oneDNN builds SNAC's kernels for each window size (up to
-            # 14 of them, ~0.5-1 s each on the full model) during the first answers a server makes.
-            runner.stream("warm-up", replace(request, max_new_tokens=24)).wait(300)
+            # One short answer first (no listener, so no lead bound): oneDNN builds SNAC's kernels for
+            # each window size (up to 14, ~0.5-1 s each on the full model) during a server's first answers.
+            runner.stream("warm-up", replace(request, max_new_tokens=24, max_audio_lead_ms=1e9)).wait(300)
             for n in levels:
-                row = {"stage_threads": threads.as_json(), **_run_level(runner, request, n, steps, stagger_s)}
+                row = {"stage_threads": threads.as_json(), "prefill_chunk": prefill_chunk,
+                       **_run_level(runner, request, n, steps, stagger_s)}  # fmt: skip
                 rows.append(row)
                 print(row)
         finally:

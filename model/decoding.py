@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .codec import dedelay
-from .llm import CacheRows, OmniLM
+from .llm import CacheRows, KVCache, OmniLM
 from .prompts import Prompt
 
 
@@ -111,6 +111,20 @@ class GenerationResult:
         return dedelay(self.audio_steps)
 
 
+def shared_prefix(prompt: Prompt) -> int:
+    """How many leading positions every row of `prompt` has alike (ids and spliced features),
+    never the last (each row's last hidden state is sampled); 0 for one row."""
+    if prompt.rows < 2:
+        return 0
+    differs = (prompt.ids != prompt.ids[:1]).flatten(0, 1).any(0)  # (T,)
+    n = int(differs.to(torch.int8).argmax()) if bool(differs.any()) else prompt.length
+    for splice in prompt.splices:
+        f = splice.features
+        if not all(torch.equal(f[i], f[0]) for i in range(1, f.shape[0])):
+            n = min(n, splice.start)
+    return min(n, prompt.length - 1)
+
+
 class Generation:
     """One response: prefill on the first `step()`, one decode step per later call."""
 
@@ -147,6 +161,12 @@ class Generation:
                 self.seed = self.sampling.seed
                 self.generator.manual_seed(self.seed)
         self.cache = model.new_cache()
+        self.prefilled = 0  # prompt positions already in the cache (prefill_part)
+        self._prompt_embeds: torch.Tensor | None = None
+        # Positions every row of the prompt has alike (A1->A2's two rows differ only in the
+        # last): prefilled for one row, then copied to the others (_forward_prompt).
+        self.shared_prefix = shared_prefix(prompt)
+        self._shared_cache: KVCache | None = None
         self.steps_done = 0
         self.text_ended = False
         self.stop: str | None = None
@@ -169,6 +189,58 @@ class Generation:
     def in_prefill(self) -> bool:
         return self.steps_done == 0
 
+    @property
+    def prefill_left(self) -> int:
+        """Prompt positions not yet in the cache (all of them before the first step)."""
+        return self.prompt.length - self.prefilled if self.steps_done == 0 else 0
+
+    @torch.inference_mode()
+    def prefill_part(self, max_positions: int) -> bool:
+        """Run part of the prefill (no sampling) when more than `max_positions` prompt
+        positions are left: the next of equal parts of at most `max_positions`, so no part is
+        much smaller than the others. False (nothing done) when the rest fits one part: the
+        next `step()` prefills it and samples. A runner interleaves these parts with other
+        responses' decode steps, so a long prompt does not hold them for its whole prefill.
+
+        The same positions and masks as one prefill (exact math; floats may round differently
+        in other GEMM shapes). If it raises, nothing changed (the retry rewrites the cache)."""
+        if max_positions < 1:
+            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        left = self.prefill_left
+        if left <= max_positions or self.stop is not None:
+            return False
+        parts = -(-left // max_positions)
+        stop = self.prefilled + -(-left // parts)
+        if self.prefilled < self.shared_prefix:  # a part ends where the rows start to differ
+            stop = min(stop, self.shared_prefix)
+        self._forward_prompt(stop)
+        return True
+
+    def _forward_prompt(self, stop: int) -> None:
+        """Prompt positions [prefilled, stop) into the cache. Those of the shared prefix go
+        through one row, into a cache of its own that becomes every row's once the prefix is
+        done (exact: the rows' inputs there are equal). If it raises, nothing changed."""
+        embeds, start = self._embedded_prompt(), self.prefilled
+        if stop <= self.shared_prefix:
+            cache = self._shared_cache or self.model.new_cache()
+            self.model.hidden(embeds[:1, start:stop], cache, start)
+            self._shared_cache = cache
+            if stop == self.shared_prefix:
+                self.cache, self._shared_cache = cache.repeat_rows(self.prompt.rows), None
+        else:
+            self.model.hidden(embeds[:, start:stop], self.cache, start)
+        self.prefilled = stop
+
+    def prefill_shared_prefix(self) -> None:
+        """The rest of the shared prefix, if any is left (step_batch does this first)."""
+        if self.steps_done == 0 and self.prefilled < self.shared_prefix and self.stop is None:
+            self._forward_prompt(self.shared_prefix)
+
+    def _embedded_prompt(self) -> torch.Tensor:
+        if self._prompt_embeds is None:
+            self._prompt_embeds = self.model.embed(self.prompt.ids.to(self.model.device), self.prompt.splices)
+        return self._prompt_embeds
+
     @torch.inference_mode()
     def begin_step(self) -> tuple[torch.Tensor, int] | None:
         """The next step's input embeddings (B, T, C) and first position, or None when done.
@@ -178,8 +250,8 @@ class Generation:
         many responses into one forward (what `step_batch` does)."""
         if self.stop is not None or self.steps_done >= self.max_steps:
             return None
-        if self.steps_done == 0:
-            return self.model.embed(self.prompt.ids.to(self.model.device), self.prompt.splices), 0
+        if self.steps_done == 0:  # the prefill, or what prefill_part left of it
+            return self._embedded_prompt()[:, self.prefilled :], self.prefilled
         assert self._feedback is not None
         return self.model.embed(self._feedback.to(self.model.device)), self.prompt.length + self.steps_done - 1
 
@@ -243,6 +315,8 @@ class Generation:
                 f = len(self.audio_steps) - n - 1
                 frame = tuple(int(self.audio_steps[f + i + 1][i]) for i in range(n))
         self._feedback = self._make_feedback(d.text, d.audio)
+        if self.steps_done == 0:
+            self.prefilled, self._prompt_embeds = self.prompt.length, None
         self.steps_done += 1
         if self.steps_done >= self.max_steps:
             self.stop = "budget"
@@ -284,9 +358,10 @@ def step_batch(gens: Sequence[Generation]) -> list[StepOutput | None]:
 
     All or nothing: if it raises, no Generation has changed and no cache lost a valid position
     (a failed forward commits nothing; after a completed one a cache may hold this step's keys,
-    which the retry rewrites in place: model.llm.KVCache). So the caller may retry each
-    response alone with `step()` (or any subset with `step_batch`) and gets the tokens of an
-    uninterrupted run."""
+    which the retry rewrites in place: model.llm.KVCache), except that a prompt's shared
+    prefix, prefilled first through one row, may stay done (a retry goes on from there). So
+    the caller may retry each response alone with `step()` (or any subset with `step_batch`)
+    and gets the tokens of an uninterrupted run."""
     if len({id(g) for g in gens}) != len(gens):
         raise ValueError("a Generation appears twice in one batch")
     outs: list[StepOutput | None] = [None] * len(gens)
@@ -297,6 +372,7 @@ def step_batch(gens: Sequence[Generation]) -> list[StepOutput | None]:
     for i, g in enumerate(gens):
         if g.model is not model:
             raise ValueError("step_batch steps generations of one model")
+        g.prefill_shared_prefix()
         nxt = g.begin_step()
         if nxt is not None:
             by_length.setdefault(nxt[0].shape[1], []).append((i, *nxt))

@@ -76,6 +76,15 @@ class KVCache:
             v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
         self.k, self.v = k, v
 
+    def repeat_rows(self, rows: int) -> KVCache:
+        """A new cache whose `rows` rows each hold this one-row cache's valid positions."""
+        if self.k is None or self.v is None or self.k.shape[1] != 1:
+            raise ValueError("repeat_rows copies a filled one-row cache")
+        out = KVCache(self.n_layer, self.n_kv_heads, self.head_size, self.max_len)
+        out.k, out.v = self.k.repeat(1, rows, 1, 1, 1), self.v.repeat(1, rows, 1, 1, 1)
+        out.length = self.length
+        return out
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, KV, T, hs) at [start, start + T) of `layer` -> its keys, values for [0, start + T)."""
         assert self.k is not None and self.v is not None, "reserve() first"

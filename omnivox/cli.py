@@ -34,6 +34,10 @@ STAGE_THREADS_HELP = (
     "core for the decode step and for an encode alone, half of them for an encode beside playing answers, "
     "1 for SNAC"
 )
+PREFILL_CHUNK_HELP = (
+    "while answers are being decoded, prefill a new prompt in parts of at most this many positions, their "
+    "steps in between, so a long prompt cannot stall them (0: at once; default 64)"
+)
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
 
 
@@ -175,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "demo_tokens": args.demo_tokens or None,
         "ice_servers": args.ice_servers,
         "stage_threads": args.stage_threads,
+        "prefill_chunk": args.prefill_chunk,
     }
     settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     has_ckpt = settings.checkpoint_dir is not None or settings.checkpoint is not None
@@ -330,12 +335,13 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from benchmarks.pipeline import bench_pipeline
 
     ckpt = _bench_checkpoint(args)
-    question = _wav_arg(None, "question.wav", "--question-wav")
+    question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
     levels = tuple(int(x) for x in args.sessions.split(","))
     result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=levels,
                             max_chunk_frames=args.max_chunk_frames, stagger_ms=args.stagger_ms,
                             max_audio_lead_ms=args.max_audio_lead_ms,
-                            stage_threads=tuple(args.stage_threads.split(";")))  # fmt: skip
+                            stage_threads=tuple(args.stage_threads.split(";")),
+                            prefill_chunks=tuple(int(x) for x in args.prefill_chunk.split(",")))  # fmt: skip
     _save_json(args.json, result)
     return 0
 
@@ -420,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help='WebRTC STUN/TURN servers as JSON, e.g. \'[{"urls": "turn:host:3478", "username": "u", '
                          '"credential": "p"}]\' (OMNIVOX_ICE_SERVERS; default none: host candidates only)')  # fmt: skip
     sv.add_argument("--stage-threads", default=None, help=STAGE_THREADS_HELP + " (OMNIVOX_STAGE_THREADS)")
+    sv.add_argument("--prefill-chunk", type=int, default=None, help=PREFILL_CHUNK_HELP + " (OMNIVOX_PREFILL_CHUNK)")
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the upstream layout")
@@ -526,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="StageThreads specs side by side, ';'-separated ('' = defaults): " + STAGE_THREADS_HELP,
     )
+    bp.add_argument("--question-wav", type=Path, help="every answer's question (default: the test fixture; a long "
+                    "one shows what a long prefill does to the answers playing)")  # fmt: skip
+    bp.add_argument("--prefill-chunk", default="64", help="prefill_chunk values side by side, comma-separated: "
+                    + PREFILL_CHUNK_HELP)  # fmt: skip
     bp.add_argument("--json", type=Path)
     bp.set_defaults(func=cmd_bench_pipeline, device="cpu")
     bc = bsub.add_parser("compare", help="ours vs a naive upstream-style loop, fp32 and bf16, side by side")

@@ -54,7 +54,8 @@ class Engine:
         self.settings = settings
         self.demo = demo
         self.recognizer = recognizer
-        self.runner = ModelRunner(model, max_active=max(settings.max_sessions, 1), threads=settings.threads()).start()
+        self.runner = ModelRunner(model, max_active=max(settings.max_sessions, 1), threads=settings.threads(),
+                                  prefill_chunk=settings.prefill_chunk).start()  # fmt: skip
         self.vad = SileroVAD()
         self.turn_model = _load_turn_model() if settings.turn_model else None
         self.metrics = Metrics()

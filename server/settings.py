@@ -37,6 +37,9 @@ class ServerSettings(BaseSettings):
     # torch threads per runner stage, "llm=2,encoder=2,encoder_busy=1,snac=1" (streaming.config.
     # StageThreads); unnamed stages: all cores for llm and a lone encode, half beside answers, 1 for SNAC.
     stage_threads: str = ""
+    # While answers are being decoded, a new prompt is prefilled in parts of at most this many
+    # positions with their steps in between (0: at once, holding them for the whole prefill).
+    prefill_chunk: int = Field(64, ge=0)
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     # A client this far behind (events or bytes queued for it), or that takes nothing for
     # send_timeout_s while data waits, is disconnected with 1008.

@@ -175,6 +175,8 @@ class _Job:
     encode_ms: float = 0.0
     encode_threads: int = 0
     prefill_ms: float | None = None
+    prefill_parts: int = 0  # forwards its prefill took before the last one (Generation.prefill_part)
+    prefill_parts_s: float = 0.0
     t_prefill_done: float = 0.0
     first_frame_ms: float | None = None
 
@@ -197,8 +199,15 @@ class ModelRunner:
         max_pending: int = 32,
         max_unacked: int = 256,
         threads: StageThreads | None = None,
+        prefill_chunk: int = 64,
     ) -> None:
+        """prefill_chunk: while other answers are being decoded, a new prompt is prefilled in
+        parts of at most this many positions, each followed by their batched step, instead of
+        holding them for its whole prefill (0: never split)."""
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
         self.model = model
+        self.prefill_chunk = prefill_chunk
         self.threads = threads or StageThreads.for_cores()
         self.max_active = max_active
         self.max_unacked = max_unacked
@@ -382,9 +391,11 @@ class ModelRunner:
 
     def _round(self, now: float) -> bool:
         """One step of every response that may step: prefills alone (their lengths differ),
-        then all decode steps together in one batched forward (`model.decoding.step_batch`)."""
+        then all decode steps together in one batched forward (`model.decoding.step_batch`).
+        While answers are being decoded, a prefill runs one part per round (prefill_chunk)."""
         decode: list[_Job] = []
         prefilled = False
+        answering = sum(1 for j in self._active if j.gen is not None and not j.gen.in_prefill and not j.held)
         for job in list(self._active):
             if not self._may_step(job, now):
                 continue
@@ -395,6 +406,16 @@ class ModelRunner:
                 continue
             prefilled = True
             t0 = time.perf_counter()
+            if answering and self.prefill_chunk:
+                try:
+                    parted = gen.prefill_part(self.prefill_chunk)
+                except Exception:
+                    self._fail(job, "prefill")
+                    continue
+                if parted:  # the rest waits for the next round, after the others' step
+                    job.prefill_parts += 1
+                    job.prefill_parts_s += time.perf_counter() - t0
+                    continue
             try:
                 out = gen.step()
             except Exception:
@@ -437,7 +458,7 @@ class ModelRunner:
         self.steps_total += 1
         job.steps += 1
         if job.prefill_ms is None:
-            job.prefill_ms = (t1 - t0) * 1000
+            job.prefill_ms = (t1 - t0 + job.prefill_parts_s) * 1000
             job.t_prefill_done = t1
         self._emit_text(job, out.text)
         if out.frame is not None and job.audio:
@@ -488,6 +509,7 @@ class ModelRunner:
                 "encode_ms": round(job.encode_ms, 2),
                 "encode_threads": job.encode_threads,
                 "prefill_ms": round(job.prefill_ms, 2) if job.prefill_ms is not None else None,
+                "prefill_parts": job.prefill_parts + 1,
                 "first_frame_ms": round(job.first_frame_ms, 2) if job.first_frame_ms is not None else None,
                 "steps": job.steps,
                 "steps_per_s": round((job.steps - 1) / decode_s, 2) if decode_s > 0 else None,

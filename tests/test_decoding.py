@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -63,6 +64,7 @@ class ScriptedLM:
 
 def _prompt(task: Task, rows: int = 1, length: int = 5) -> Prompt:
     ids = torch.zeros(rows, 8, length, dtype=torch.long)
+    ids[:, 0, 0] = torch.arange(rows)  # rows differ from the start: the script counts every forward
     return Prompt(task, ids, (), audio_row=0, text_row=rows - 1)
 
 
@@ -458,6 +460,78 @@ def test_step_batch_equals_separate_decoding(tiny_model: OmniModel, question_aud
         assert a.stop == b.stop and a.text_steps == b.text_steps and torch.equal(a.audio_steps, b.audio_steps)
     with pytest.raises(ValueError, match="twice"):
         step_batch([gens[0], gens[0]])
+
+
+@pytest.mark.parametrize("task", [Task.A1A2, Task.A1A2_SINGLE])
+@pytest.mark.parametrize("chunk", [1, 7, 16, 40])
+def test_prefill_in_parts_gives_the_tokens_of_one_prefill(
+    tiny_model: OmniModel, question_audio, chunk: int, task: Task
+) -> None:
+    """prefill_part's parts (equal, at most `chunk` positions; one ends where A1->A2's rows
+    start to differ), interleaved with another response's decode steps, then the last part
+    with sampling: the tokens of one prefill."""
+    prompt = tiny_model.prompt(task, audio=question_audio)
+    other_prompt = tiny_model.prompt(Task.T1A2, text="What is your name?")
+    ref = tiny_model.start(prompt, max_new_tokens=20, stop_rules=False).run()
+    other_ref = tiny_model.start(other_prompt, max_new_tokens=40, stop_rules=False).run()
+    g = tiny_model.start(prompt, max_new_tokens=20, stop_rules=False)
+    other = tiny_model.start(other_prompt, max_new_tokens=40, stop_rules=False)
+    other.step()
+    sizes = []
+    while g.in_prefill:
+        before = g.prefilled
+        if not g.prefill_part(chunk):
+            break
+        sizes.append(g.prefilled - before)
+        assert g.steps_done == 0 and not g.text_steps
+        step_batch([other])  # the other answer steps between the parts
+    assert g.prefill_left <= chunk and g.prefilled == sum(sizes)
+    assert g.shared_prefix == (prompt.length - 1 if task is Task.A1A2 else 0)
+    if sizes and not g.shared_prefix:  # equal parts: none much smaller than another
+        assert max(sizes) <= chunk and max(sizes) - min(sizes) <= 1 and max(sizes) - g.prefill_left <= 1
+    ends = list(itertools.accumulate(sizes))
+    assert all(not a < g.shared_prefix < b for a, b in zip([0, *ends[:-1]], ends, strict=True))  # none straddles it
+    while not (g.done and other.done):
+        step_batch([x for x in (g, other) if not x.done])
+    assert g.prefill_left == 0 and g.prefilled == prompt.length
+    for a, b in ((ref, g.result()), (other_ref, other.result())):
+        assert a.text_steps == b.text_steps and torch.equal(a.audio_steps, b.audio_steps)
+    with pytest.raises(ValueError, match="max_positions"):
+        g.prefill_part(0)
+    assert not g.prefill_part(4)  # prefilled: nothing to do
+
+
+def test_a_shared_prompt_prefix_is_prefilled_once(
+    tiny_model: OmniModel, tiny2_model: OmniModel, question_audio
+) -> None:
+    """A1->A2's (and Mini-Omni2's image task's) two rows differ only in their last position:
+    that prefix is prefilled through one row and copied; the tokens are those of prefilling
+    both rows (greedy and seeded sampling)."""
+    from model.decoding import shared_prefix
+    from model.vision import open_image_file
+
+    from .conftest import FIXTURES
+
+    image = open_image_file(FIXTURES / "picture.png")
+    prompts = [
+        (tiny_model, tiny_model.prompt(Task.A1A2, audio=question_audio)),
+        (tiny2_model, tiny2_model.prompt(Task.IMAGE_A1A2, audio=question_audio, image=image)),
+    ]
+    for model, prompt in prompts:
+        assert shared_prefix(prompt) == prompt.length - 1
+        for cfg in (None, SamplingConfig(temperature=1.0, top_k=50, seed=4)):
+            runs = []
+            for share in (True, False):
+                g = model.start(prompt, cfg, max_new_tokens=20, stop_rules=False)
+                if not share:
+                    g.shared_prefix = 0
+                r = g.run()
+                assert g.cache.k is not None and g.cache.k.shape[1] == 2  # both rows go on
+                runs.append(r)
+            assert runs[0].text_steps == runs[1].text_steps and torch.equal(runs[0].audio_steps, runs[1].audio_steps)
+    one_row = tiny_model.prompt(Task.A1A2_SINGLE, audio=question_audio)
+    text = tiny_model.prompt(Task.T1A2, text="Hello there")
+    assert shared_prefix(one_row) == shared_prefix(text) == 0
 
 
 class _Trigger:

@@ -604,3 +604,68 @@ def test_each_stage_runs_its_budget_and_an_encode_beside_a_playing_answer_takes_
         assert torch.get_num_threads() == main_threads  # the stages' settings stay on their threads
     finally:
         runner.close()
+
+
+def test_a_prompt_beside_a_playing_answer_is_prefilled_in_parts(tiny_model: Any, question_audio: Any) -> None:
+    """While answer a is being decoded, b's prefill runs in parts of at most prefill_chunk
+    positions, a's steps between them; alone, a prompt is prefilled at once. Either way b's
+    answer is the same."""
+    from model.prompts import Task
+    from streaming.events import AudioChunk
+    from streaming.runner import ResponseRequest
+
+    question = ResponseRequest(Task.A1A2, audio=question_audio, max_new_tokens=12, stop_rules=False)
+    runner = ModelRunner(tiny_model, prefill_chunk=16).start()
+    try:
+        alone = runner.stream("alone", question).wait(60)
+        long = ResponseRequest(Task.A1A2, audio=np.zeros(16000, np.float32), max_new_tokens=400, stop_rules=False,
+                               max_audio_lead_ms=1e9)  # fmt: skip
+        first = runner.stream("a", long)
+        while not isinstance(first.get(timeout=30), AudioChunk):  # queue.Empty if it never plays
+            pass
+        beside = runner.stream("b", question).wait(60)
+        first.cancel()
+        assert first.wait(60) is not None
+    finally:
+        runner.close()
+    assert alone is not None and beside is not None
+    positions = beside.usage["input_tokens"]
+    assert positions > 2 * 16
+    assert alone.timings["prefill_parts"] == 1
+    assert beside.timings["prefill_parts"] == -(-positions // 16)  # equal parts of <= 16
+    assert beside.transcript == alone.transcript != "" and beside.usage == alone.usage
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        ModelRunner(tiny_model, prefill_chunk=-1)
+
+
+def test_prefill_chunk_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from omnivox.cli import build_parser
+
+    assert ServerSettings().prefill_chunk == 64
+    monkeypatch.setenv("OMNIVOX_PREFILL_CHUNK", "0")
+    assert ServerSettings().prefill_chunk == 0
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        ServerSettings(prefill_chunk=-1)
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--prefill-chunk", "32"]).prefill_chunk == 32
+    assert parser.parse_args(["serve"]).prefill_chunk is None  # then the environment / default decides
+    assert parser.parse_args(["bench", "pipeline", "--prefill-chunk", "0,64"]).prefill_chunk == "0,64"
+
+
+def test_bench_pipeline_runs_each_prefill_chunk_with_a_listener_bound(tiny_ckpt: Path) -> None:
+    """With the server's 1000 ms audio lead, every level finishes (the warm-up answer has no
+    listener, so it must not be lead-bound) and each prefill_chunk variant is a row."""
+    from benchmarks.pipeline import bench_pipeline
+
+    from .conftest import FIXTURES
+
+    t0 = time.monotonic()
+    result = bench_pipeline(tiny_ckpt, FIXTURES / "question.wav", dtype="float32", steps=16, levels=(2,),
+                            stagger_ms=100, max_audio_lead_ms=1000, prefill_chunks=(0, 16))  # fmt: skip
+    assert time.monotonic() - t0 < 120
+    rows = result["levels"]
+    assert [r["prefill_chunk"] for r in rows] == [0, 16]
+    for row in rows:
+        assert row["sessions"] == 2 and row["first_audio_ms"] is not None
+        assert row["audio_s_per_answer"] > 0.5  # 16 steps: 9 frames of 85 ms after the 7-step delay
+        assert 0 <= row["max_chunk_gap_ms"] < 5000

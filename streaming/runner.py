@@ -285,9 +285,12 @@ class ModelRunner:
         (time.monotonic); generation runs at most max_audio_lead_ms ahead of it."""
         self._inbox.put_nowait(_Playback(key, started_at))
 
-    def stream(self, response_id: str, request: ResponseRequest, item_id: str = "") -> ResponseStream:
-        """Submit a response for a plain-thread consumer (benchmarks, the model's own ASR)."""
-        return ResponseStream(self, response_id, item_id, request)
+    def stream(
+        self, response_id: str, request: ResponseRequest, item_id: str = "", held: bool = False
+    ) -> ResponseStream:
+        """Submit a response for a plain-thread consumer (benchmarks, the model's own ASR);
+        `held` as in `submit` (go on with `release(stream.key)`)."""
+        return ResponseStream(self, response_id, item_id, request, held)
 
     # ---------------- decode thread ----------------
 
@@ -696,13 +699,15 @@ class _SnacState:
 class ResponseStream:
     """A response read from a plain thread: its events in a queue, acknowledged as they are taken."""
 
-    def __init__(self, runner: ModelRunner, response_id: str, item_id: str, request: ResponseRequest) -> None:
+    def __init__(
+        self, runner: ModelRunner, response_id: str, item_id: str, request: ResponseRequest, held: bool = False
+    ) -> None:
         self.runner = runner
         self.response_id = response_id
         # Bounded by the runner's max_unacked: it never sends more than that unacknowledged.
         self.events: queue.Queue[Event] = queue.Queue(maxsize=runner.max_unacked + 8)
         self.done: ResponseDone | None = None
-        self.key = runner.submit(response_id, item_id, request, self.events.put_nowait)
+        self.key = runner.submit(response_id, item_id, request, self.events.put_nowait, held)
 
     def get(self, timeout: float | None = None) -> Event:
         """The next event (queue.Empty after `timeout`)."""

@@ -638,6 +638,36 @@ def test_a_prompt_beside_a_playing_answer_is_prefilled_in_parts(tiny_model: Any,
         ModelRunner(tiny_model, prefill_chunk=-1)
 
 
+def test_a_held_speculation_beside_a_playing_answer_is_prefilled_in_parts(tiny_model: Any, question_audio: Any) -> None:
+    """A speculation (held) submitted while answer a plays: prefilled in parts, nothing out
+    until its release, then the answer of an unheld, unsplit run."""
+    from model.prompts import Task
+    from streaming.events import AudioChunk
+    from streaming.runner import ResponseRequest
+
+    question = ResponseRequest(Task.A1A2, audio=question_audio, max_new_tokens=12, stop_rules=False)
+    runner = ModelRunner(tiny_model, prefill_chunk=8).start()
+    try:
+        alone = runner.stream("alone", question).wait(60)
+        long = ResponseRequest(Task.A1A2, audio=np.zeros(16000, np.float32), max_new_tokens=400, stop_rules=False,
+                               max_audio_lead_ms=1e9)  # fmt: skip
+        first = runner.stream("a", long)
+        while not isinstance(first.get(timeout=30), AudioChunk):  # queue.Empty if it never plays
+            pass
+        held = runner.stream("b", question, held=True)
+        time.sleep(1.0)  # its encode and prefill parts run meanwhile
+        assert held.drain() == []  # a speculation sends nothing before its release
+        runner.release(held.key)
+        done = held.wait(60)
+        first.cancel()
+        assert first.wait(60) is not None
+    finally:
+        runner.close()
+    assert alone is not None and done is not None and done.status == alone.status == "incomplete"  # the budget
+    assert done.timings["prefill_parts"] > 1 and "speculation_lead_ms" in done.timings
+    assert done.transcript == alone.transcript and done.usage == alone.usage
+
+
 def test_prefill_chunk_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     from omnivox.cli import build_parser
 

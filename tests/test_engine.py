@@ -35,7 +35,7 @@ from streaming.events import (
     Transcribe,
     TranscriptDelta,
 )
-from streaming.runner import SERVER_ERROR_MESSAGE, ModelRunner
+from streaming.runner import SERVER_ERROR_MESSAGE, ModelRunner, ResponseStream
 from streaming.session import Session
 
 from .test_server import Running, open_client, stop_server
@@ -572,6 +572,21 @@ def test_stage_threads_parse_and_defaults() -> None:
         ServerSettings(stage_threads="snac=0")
 
 
+def _play_a_long_answer(runner: ModelRunner) -> ResponseStream:
+    """Answer "a" (400 steps, no playback bound), read until its first audio: from then on it
+    is being decoded beside whatever comes next."""
+    from model.prompts import Task
+    from streaming.events import AudioChunk
+    from streaming.runner import ResponseRequest
+
+    long = ResponseRequest(Task.A1A2, audio=np.zeros(16000, np.float32), max_new_tokens=400, stop_rules=False,
+                           max_audio_lead_ms=1e9)  # fmt: skip
+    first = runner.stream("a", long)
+    while not isinstance(first.get(timeout=30), AudioChunk):  # queue.Empty if it never plays
+        pass
+    return first
+
+
 def test_each_stage_runs_its_budget_and_an_encode_beside_a_playing_answer_takes_fewer(
     tiny_model: Any, vad: Any
 ) -> None:
@@ -581,18 +596,14 @@ def test_each_stage_runs_its_budget_and_an_encode_beside_a_playing_answer_takes_
 
     from model.prompts import Task
     from streaming.config import StageThreads
-    from streaming.events import AudioChunk
     from streaming.runner import ResponseRequest
 
     main_threads = torch.get_num_threads()
     threads = StageThreads(llm=2, encoder=3, encoder_busy=1, snac=1)
     runner = ModelRunner(tiny_model, threads=threads).start()
     try:
+        first = _play_a_long_answer(runner)
         audio = np.zeros(16000, np.float32)
-        long = ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=400, stop_rules=False, max_audio_lead_ms=1e9)
-        first = runner.stream("a", long)
-        while not isinstance(first.get(timeout=30), AudioChunk):  # queue.Empty if it never plays
-            pass
         second = runner.stream("b", ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=8, stop_rules=False))
         done_b = second.wait(60)
         first.cancel()
@@ -611,18 +622,13 @@ def test_a_prompt_beside_a_playing_answer_is_prefilled_in_parts(tiny_model: Any,
     positions, a's steps between them; alone, a prompt is prefilled at once. Either way b's
     answer is the same."""
     from model.prompts import Task
-    from streaming.events import AudioChunk
     from streaming.runner import ResponseRequest
 
     question = ResponseRequest(Task.A1A2, audio=question_audio, max_new_tokens=12, stop_rules=False)
     runner = ModelRunner(tiny_model, prefill_chunk=16).start()
     try:
         alone = runner.stream("alone", question).wait(60)
-        long = ResponseRequest(Task.A1A2, audio=np.zeros(16000, np.float32), max_new_tokens=400, stop_rules=False,
-                               max_audio_lead_ms=1e9)  # fmt: skip
-        first = runner.stream("a", long)
-        while not isinstance(first.get(timeout=30), AudioChunk):  # queue.Empty if it never plays
-            pass
+        first = _play_a_long_answer(runner)
         beside = runner.stream("b", question).wait(60)
         first.cancel()
         assert first.wait(60) is not None
@@ -642,18 +648,13 @@ def test_a_held_speculation_beside_a_playing_answer_is_prefilled_in_parts(tiny_m
     """A speculation (held) submitted while answer a plays: prefilled in parts, nothing out
     until its release, then the answer of an unheld, unsplit run."""
     from model.prompts import Task
-    from streaming.events import AudioChunk
     from streaming.runner import ResponseRequest
 
     question = ResponseRequest(Task.A1A2, audio=question_audio, max_new_tokens=12, stop_rules=False)
     runner = ModelRunner(tiny_model, prefill_chunk=8).start()
     try:
         alone = runner.stream("alone", question).wait(60)
-        long = ResponseRequest(Task.A1A2, audio=np.zeros(16000, np.float32), max_new_tokens=400, stop_rules=False,
-                               max_audio_lead_ms=1e9)  # fmt: skip
-        first = runner.stream("a", long)
-        while not isinstance(first.get(timeout=30), AudioChunk):  # queue.Empty if it never plays
-            pass
+        first = _play_a_long_answer(runner)
         held = runner.stream("b", question, held=True)
         time.sleep(1.0)  # its encode and prefill parts run meanwhile
         assert held.drain() == []  # a speculation sends nothing before its release

@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,25 @@ PRECISIONS = ("float32", "bfloat16", "int8", "int8-dynamic")
 WHISPERS = ("checkpoint", "tiny.en")
 
 
-def quantize_int8_(whisper: WhisperEncoder) -> WhisperEncoder:
-    """Whisper's Linears as the LLM's Int8Linear (int8 weights from the fp32 ones, bf16
-    activations), convolutions in bf16, LayerNorms fp32. Measured here, not used: an encode has
-    >= 48 rows, so Int8Linear dequantizes for a bf16 GEMM, slower than bf16 weights and less
-    accurate (README, Precision); `--dtype int8` runs Whisper in bf16."""
+def _replace_linears(whisper: WhisperEncoder, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Every Linear of Whisper's blocks (attention and MLP) replaced by make(linear)."""
     with torch.no_grad():
         for block in whisper.encoder.blocks:
             for parent in (block.attn, block.mlp):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
-                        bias = None if child.bias is None else child.bias.to(torch.bfloat16)
-                        setattr(parent, name, Int8Linear(child.weight, bias))
+                        setattr(parent, name, make(child))
+
+
+def quantize_int8_(whisper: WhisperEncoder) -> WhisperEncoder:
+    """Whisper's Linears as the LLM's Int8Linear (int8 weights from the fp32 ones, bf16
+    activations), convolutions in bf16, LayerNorms fp32. Measured here, not used: an encode has
+    >= 48 rows, so Int8Linear dequantizes for a bf16 GEMM, slower than bf16 weights and less
+    accurate (README, Precision); `--dtype int8` runs Whisper in bf16."""
+    _replace_linears(
+        whisper,
+        lambda linear: Int8Linear(linear.weight, None if linear.bias is None else linear.bias.to(torch.bfloat16)),
+    )
     return whisper.cast_(torch.bfloat16)
 
 
@@ -53,7 +61,9 @@ class DynamicInt8Linear(nn.Module):
     the activations' range) through torch's `quantized::linear_dynamic` (fbgemm, VNNI): the
     scheme of `onnxruntime.quantization.quantize_dynamic`, which measured within 10% of it."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, reduce_range: bool) -> None:
+        """reduce_range: 7-bit activations, which avoid int16 overflow in pre-VNNI kernels (with
+        VNNI they only lose accuracy)."""
         super().__init__()
         w = linear.weight.detach().float()
         scale = (w.abs().amax(1).clamp_min(1e-12) / 127).double()
@@ -62,8 +72,7 @@ class DynamicInt8Linear(nn.Module):
             q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(q, bias)
-        # 7-bit activations avoid int16 overflow in pre-VNNI kernels; with VNNI they only lose accuracy.
-        self.reduce_range = not ({"avx512_vnni", "avx_vnni"} & cpu_flags())
+        self.reduce_range = reduce_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
@@ -73,11 +82,8 @@ def quantize_dynamic_int8_(whisper: WhisperEncoder) -> WhisperEncoder:
     """Whisper's Linears as DynamicInt8Linear; convolutions, attention and norms stay fp32.
     Measured here, not used: on the real tiny.en weights its features are ~7x further from
     fp32 than bf16's (README, Whisper encode)."""
-    for block in whisper.encoder.blocks:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, DynamicInt8Linear(child))
+    reduce_range = not ({"avx512_vnni", "avx_vnni"} & cpu_flags())
+    _replace_linears(whisper, lambda linear: DynamicInt8Linear(linear, reduce_range))
     return whisper
 
 

@@ -409,17 +409,12 @@ class ModelRunner:
                 continue
             prefilled = True
             t0 = time.perf_counter()
-            if answering and self.prefill_chunk:
-                try:
-                    parted = gen.prefill_part(self.prefill_chunk)
-                except Exception:
-                    self._fail(job, "prefill")
-                    continue
-                if parted:  # the rest waits for the next round, after the others' step
+            try:
+                if answering and self.prefill_chunk and gen.prefill_part(self.prefill_chunk):
+                    # a part done: the rest waits for the next round, after the others' step
                     job.prefill_parts += 1
                     job.prefill_parts_s += time.perf_counter() - t0
                     continue
-            try:
                 out = gen.step()
             except Exception:
                 self._fail(job, "prefill")

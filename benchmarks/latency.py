@@ -129,8 +129,9 @@ def bench_latency(
     turn_detection: tuple[str, ...] = ("server_vad", "semantic_vad"),
     first_chunk_lookahead: tuple[int | None, ...] = (None,),
     speculate: tuple[int | None, ...] = (None, 160),
+    decode_graph: bool = True,
 ) -> dict[str, Any]:
-    model = OmniModel.load(checkpoint, device=device, dtype=dtype)
+    model = OmniModel.load(checkpoint, device=device, dtype=dtype, decode_graph=decode_graph)
     runner = ModelRunner(model).start()
     vad = SileroVAD()
     turn_model = SmartTurn()
@@ -217,6 +218,7 @@ def bench_latency(
         "checkpoint": str(checkpoint),
         "model": model.config.name,
         "dtype": dtype,
+        "decode_graph": model.llm.decode_graph is not None,
         "question_wav": str(question_wav),
         "runs": rows,
         "median": {label: {k: med(label, k) for k in keys} for label in labels},

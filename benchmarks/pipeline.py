@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from model.audio import load_audio_file
+from model.decode_graph import DecodeGraph
 from model.omni import OmniModel
 from model.prompts import Task
 from streaming.config import StageThreads
@@ -87,6 +88,24 @@ def _run_level(
     }
 
 
+def _decode_paths(model: OmniModel, names: tuple[str, ...]) -> dict[str, DecodeGraph | None]:
+    """Each decode path asked for -> the graph the LLM runs with it (None: torch)."""
+    default = model.llm.decode_graph
+    out: dict[str, DecodeGraph | None] = {}
+    for name in names:
+        if name in ("graph", "graph-spin") and model.llm.quantized != "int8":
+            raise ValueError(f"decode path {name} needs --dtype int8, got {model.precision}")
+        if name == "default" or (name == "graph" and default is not None and not default.spinning):
+            out[name] = default
+        elif name == "torch":
+            out[name] = None
+        elif name in ("graph", "graph-spin"):
+            out[name] = DecodeGraph(model.llm, spinning=name == "graph-spin")
+        else:
+            raise ValueError(f"unknown decode path {name!r} (default, torch, graph, graph-spin)")
+    return out
+
+
 def bench_pipeline(
     checkpoint: str | Path,
     question_wav: Path,
@@ -99,18 +118,22 @@ def bench_pipeline(
     max_audio_lead_ms: float = 1e9,
     stage_threads: tuple[str, ...] = ("",),
     prefill_chunks: tuple[int, ...] = (64,),
+    decode_paths: tuple[str, ...] = ("default",),
 ) -> dict[str, Any]:
     """`stage_threads`: StageThreads specs timed side by side ("" = the defaults), one runner
     each on the same model. `max_audio_lead_ms`: how far an answer may run ahead of its
-    listener (the server's is 1000; unbounded by default, the throughput figure)."""
+    listener (the server's is 1000; unbounded by default, the throughput figure). `decode_paths`:
+    default, torch, graph (int8: model.decode_graph), graph-spin (its ORT workers spinning)."""
     model = OmniModel.load(checkpoint, dtype=dtype)
+    graphs = _decode_paths(model, decode_paths)
     loaded_rss = rss_mb()
     audio = load_audio_file(question_wav)
     request = ResponseRequest(Task.A1A2, audio=audio, max_new_tokens=steps, stop_rules=False,
                               max_audio_lead_ms=max_audio_lead_ms, max_chunk_frames=max_chunk_frames)  # fmt: skip
     stagger_s = None if stagger_ms is None else stagger_ms / 1000
     rows = []
-    for spec, prefill_chunk in itertools.product(stage_threads, prefill_chunks):
+    for path, spec, prefill_chunk in itertools.product(decode_paths, stage_threads, prefill_chunks):
+        model.llm.decode_graph = graphs[path]
         threads = StageThreads.parse(spec)
         runner = ModelRunner(model, threads=threads, prefill_chunk=prefill_chunk).start()
         try:
@@ -118,7 +141,7 @@ def bench_pipeline(
             # each window size (up to 14, ~0.5-1 s each on the full model) during a server's first answers.
             runner.stream("warm-up", replace(request, max_new_tokens=24, max_audio_lead_ms=1e9)).wait(300)
             for n in levels:
-                row = {"stage_threads": threads.as_json(), "prefill_chunk": prefill_chunk,
+                row = {"decode_path": path, "stage_threads": threads.as_json(), "prefill_chunk": prefill_chunk,
                        **_run_level(runner, request, n, steps, stagger_s)}  # fmt: skip
                 rows.append(row)
                 print(row)

@@ -122,11 +122,16 @@ class OmniModel:
         with_snac: bool = True,
         with_clip: bool = True,
         whisper_window: str = "padded",
+        decode_graph: bool = True,
+        llm_threads: int | None = None,
     ) -> OmniModel:
         """Load a checkpoint directory or hub id (see DESIGN.md section 2 for the layout).
 
         whisper_window: "padded" encodes each turn in Whisper's 30 s window (exact);
         "trimmed" encodes only the turn's length (approximate, opt-in; model.audio).
+        decode_graph: int8 on a CPU runs its decode steps as one ONNX Runtime graph of the same
+        weights (model.decode_graph), ~2x the torch step; False keeps them in torch.
+        llm_threads: the graph's threads (default every core, as the runner's llm stage).
         """
         precision = resolve_precision(dtype, device)
         if whisper_window not in WHISPER_WINDOWS:
@@ -149,6 +154,8 @@ class OmniModel:
         llm = build_llm(config, litgpt_to_omni(lit_sd, config, str(root / LIT_MODEL)), device, torch_dtype)
         if quantized:
             llm.quantize_(precision)
+            if decode_graph and precision == "int8" and llm.device.type == "cpu":
+                llm.attach_decode_graph(threads=llm_threads)
         tokenizer = TextTokenizer.from_dir(root)
         whisper = load_whisper(root).to(device) if with_whisper else None
         # bf16 encoders: half the 30 s Whisper encode (features within ~1% of fp32) and half a

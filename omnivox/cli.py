@@ -38,6 +38,9 @@ PREFILL_CHUNK_HELP = (
     "while answers are being decoded, prefill a new prompt in parts of at most this many positions, their "
     "steps in between, so a long prompt cannot stall them (0: at once; default 64)"
 )
+DECODE_GRAPH_HELP = (
+    "int8 on a CPU: run the decode steps as one ONNX Runtime graph of the same weights (~2x the torch step; default on)"
+)
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
 
 
@@ -180,6 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "ice_servers": args.ice_servers,
         "stage_threads": args.stage_threads,
         "prefill_chunk": args.prefill_chunk,
+        "decode_graph": args.decode_graph,
     }
     settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     has_ckpt = settings.checkpoint_dir is not None or settings.checkpoint is not None
@@ -273,6 +277,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         turn_detection=tuple(args.turn_detection.split(",")),
         first_chunk_lookahead=tuple(None if v == "exact" else int(v) for v in args.first_chunk_lookahead.split(",")),
         speculate=tuple(None if v == "off" else int(v) for v in args.speculate.split(",")),
+        decode_graph=args.decode_graph,
     )
     print_latency(result)
     _save_json(args.json, result)
@@ -341,7 +346,8 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
                             max_chunk_frames=args.max_chunk_frames, stagger_ms=args.stagger_ms,
                             max_audio_lead_ms=args.max_audio_lead_ms,
                             stage_threads=tuple(args.stage_threads.split(";")),
-                            prefill_chunks=tuple(int(x) for x in args.prefill_chunk.split(",")))  # fmt: skip
+                            prefill_chunks=tuple(int(x) for x in args.prefill_chunk.split(",")),
+                            decode_paths=tuple(args.decode_path.split(",")))  # fmt: skip
     _save_json(args.json, result)
     return 0
 
@@ -427,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                          '"credential": "p"}]\' (OMNIVOX_ICE_SERVERS; default none: host candidates only)')  # fmt: skip
     sv.add_argument("--stage-threads", default=None, help=STAGE_THREADS_HELP + " (OMNIVOX_STAGE_THREADS)")
     sv.add_argument("--prefill-chunk", type=int, default=None, help=PREFILL_CHUNK_HELP + " (OMNIVOX_PREFILL_CHUNK)")
+    sv.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help=DECODE_GRAPH_HELP + " (OMNIVOX_DECODE_GRAPH)")  # fmt: skip
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the upstream layout")
@@ -467,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--transport", default=None,
                     help="through a real server instead, side by side: 'websocket,webrtc' (either or both); "
                          "time to first audio and command barge-in as the client sees them")  # fmt: skip
+    bl.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=True, help=DECODE_GRAPH_HELP)
     bl.add_argument("--json", type=Path, help="save the result here")
     bl.set_defaults(func=cmd_bench_latency)
     bi = bsub.add_parser("image", help="Mini-Omni2 image turns: CLIP encode, prefill, first audio")
@@ -537,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "one shows what a long prefill does to the answers playing)")  # fmt: skip
     bp.add_argument("--prefill-chunk", default="64", help="prefill_chunk values side by side, comma-separated: "
                     + PREFILL_CHUNK_HELP)  # fmt: skip
+    bp.add_argument("--decode-path", default="default",
+                    help="decode paths side by side, comma-separated: default (what the precision runs), torch, "
+                         "graph (int8 only), graph-spin (its ORT workers spinning)")  # fmt: skip
     bp.add_argument("--json", type=Path)
     bp.set_defaults(func=cmd_bench_pipeline, device="cpu")
     bc = bsub.add_parser("compare", help="ours vs a naive upstream-style loop, fp32 and bf16, side by side")

@@ -44,7 +44,12 @@ def build_engine(settings: ServerSettings, demo_checkpoint: str | None = None) -
         log.warning(DEMO_NOTICE)
         spec = demo_checkpoint
     model = OmniModel.load(
-        str(spec), device=settings.device, dtype=settings.dtype, whisper_window=settings.whisper_window
+        str(spec),
+        device=settings.device,
+        dtype=settings.dtype,
+        whisper_window=settings.whisper_window,
+        decode_graph=settings.decode_graph,
+        llm_threads=settings.threads().llm,
     )
     recognizer = None
     if settings.interrupt_detector:

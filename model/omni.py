@@ -154,8 +154,6 @@ class OmniModel:
         llm = build_llm(config, litgpt_to_omni(lit_sd, config, str(root / LIT_MODEL)), device, torch_dtype)
         if quantized:
             llm.quantize_(precision)
-            if decode_graph and precision == "int8" and llm.device.type == "cpu":
-                llm.attach_decode_graph(threads=llm_threads)
         tokenizer = TextTokenizer.from_dir(root)
         whisper = load_whisper(root).to(device) if with_whisper else None
         # bf16 encoders: half the 30 s Whisper encode (features within ~1% of fp32) and half a
@@ -181,6 +179,9 @@ class OmniModel:
             if encoder_dtype != torch.float32:
                 codec.cast_(encoder_dtype)
         del lit_sd
+        if decode_graph and precision == "int8" and llm.device.type == "cpu":
+            release_freed_memory()  # the fp32 weights go before the graph's build copies the int8 ones
+            llm.attach_decode_graph(threads=llm_threads)
         release_freed_memory()  # the fp32 state dict (and a quantized mode's fp32 copies) would else stay resident
         model = cls(config, llm, tokenizer, whisper, codec, str(root), clip, whisper_window, probe)
         log.info(

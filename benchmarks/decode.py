@@ -118,8 +118,10 @@ def bench_decode(
 
 
 def print_table(result: dict[str, Any]) -> None:
-    cols = ["model", "dtype", "decode_path", "batch", "prompt_positions", "prefill_ms", "step_ms", "steps_per_s"]
-    cols.append("real_time_factor")
+    cols = [
+        "model", "dtype", "decode_path", "batch", "prompt_positions", "prefill_ms", "step_ms", "steps_per_s",
+        "real_time_factor",
+    ]  # fmt: skip
     print(" | ".join(cols))
     print(" | ".join(str(result[c]) for c in cols))
     if len(result["paths"]) > 1:

@@ -476,6 +476,11 @@ class OmniLM(nn.Module):
         self.cast_parameters_(torch.bfloat16)
         return self
 
+    @property
+    def takes_decode_graph(self) -> bool:
+        """Whether `attach_decode_graph` applies: the int8 model on a CPU."""
+        return self.quantized == "int8" and self.device.type == "cpu"
+
     def attach_decode_graph(
         self, threads: int | None = None, spinning: bool = False, accuracy_level: int = 4
     ) -> DecodeGraph:
@@ -484,7 +489,7 @@ class OmniLM(nn.Module):
         `decode_graph` to None to go back (between generations: caches are fp32 with it)."""
         from .decode_graph import DecodeGraph
 
-        if self.quantized != "int8" or self.device.type != "cpu":
+        if not self.takes_decode_graph:
             raise ValueError("the decode graph runs the int8 model on a CPU")
         self.decode_graph = DecodeGraph(self, threads, spinning, accuracy_level)
         return self.decode_graph

@@ -130,7 +130,7 @@ class OmniModel:
         whisper_window: "padded" encodes each turn in Whisper's 30 s window (exact);
         "trimmed" encodes only the turn's length (approximate, opt-in; model.audio).
         decode_graph: int8 on a CPU runs its decode steps as one ONNX Runtime graph of the same
-        weights (model.decode_graph), ~2x the torch step; False keeps them in torch.
+        weights (model.decode_graph), ~1.5x the torch step; False keeps them in torch.
         llm_threads: the graph's threads (default every core, as the runner's llm stage).
         """
         precision = resolve_precision(dtype, device)
@@ -179,7 +179,7 @@ class OmniModel:
             if encoder_dtype != torch.float32:
                 codec.cast_(encoder_dtype)
         del lit_sd
-        if decode_graph and precision == "int8" and llm.device.type == "cpu":
+        if decode_graph and llm.takes_decode_graph:
             release_freed_memory()  # the fp32 weights go before the graph's build copies the int8 ones
             llm.attach_decode_graph(threads=llm_threads)
         release_freed_memory()  # the fp32 state dict (and a quantized mode's fp32 copies) would else stay resident

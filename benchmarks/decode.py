@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from model.codec import SAMPLES_PER_FRAME, SNAC_SAMPLE_RATE
+from model.decode_graph import DecodeGraph
+from model.decoding import step_batch
+from model.llm import CacheRows
 from model.omni import OmniModel
 from model.probe import probe_precisions
 from model.prompts import Task, build_prompt
@@ -21,6 +25,17 @@ from model.prompts import Task, build_prompt
 from .machine import machine_info
 
 REAL_TIME_STEPS_PER_S = SNAC_SAMPLE_RATE / SAMPLES_PER_FRAME  # 11.72
+
+
+class CallEach(DecodeGraph):
+    """A graph that steps responses with a call each, as before they shared one call (KVArena):
+    the same session, for figures side by side."""
+
+    def __init__(self, graph: DecodeGraph) -> None:
+        self.__dict__.update(graph.__dict__)
+
+    def step_groups(self, x: torch.Tensor, groups: Sequence[CacheRows]) -> torch.Tensor:
+        return torch.cat([self.step(x[g.rows], g.cache, g.start) for g in groups])
 
 
 def _time_head(model: OmniModel, rows: int, repeats: int = 20) -> dict[str, float]:
@@ -48,6 +63,7 @@ def bench_decode(
     *,
     dtype: str = "float32",
     batch: int = 2,
+    responses: int = 1,
     steps: int = 64,
     prompt_frames: int = 100,
     repeats: int = 3,
@@ -58,27 +74,30 @@ def bench_decode(
     load_s = time.perf_counter() - t0
     task = Task.A1A2 if batch == 2 else Task.A1A2_SINGLE
     gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(prompt_frames, model.config.whisper_adapter_dim, generator=gen)
-    prompt = build_prompt(task, model.layout, audio_features=feats)
+    features = [torch.randn(prompt_frames, model.config.whisper_adapter_dim, generator=gen) for _ in range(responses)]
+    prompts = [build_prompt(task, model.layout, audio_features=f) for f in features]
 
-    # int8 with the decode graph: its steps and torch's side by side, rounds interleaved.
+    # int8 with the decode graph: its steps and torch's side by side, rounds interleaved; with
+    # several responses also a graph call each (graph-each) against one for all (graph).
     graph = model.llm.decode_graph
-    paths: dict[str, Any] = {"graph": graph, "torch": None} if graph is not None else {"torch": None}
+    paths: dict[str, Any] = {"torch": None}
+    if graph is not None:
+        paths = {"graph": graph, **({"graph-each": CallEach(graph)} if responses > 1 else {}), **paths}
     prefill_ms: dict[str, list[float]] = {p: [] for p in paths}
     step_rates: dict[str, list[float]] = {p: [] for p in paths}
     for _ in range(repeats):
         for path, attached in paths.items():
             model.llm.decode_graph = attached
-            g = model.start(prompt, max_new_tokens=steps + 1, stop_rules=False)
+            gens = [model.start(p, max_new_tokens=steps + 1, stop_rules=False) for p in prompts]
             t1 = time.perf_counter()
-            g.step()
+            step_batch(gens)
             t2 = time.perf_counter()
             n = 0
-            while g.step() is not None:
+            while any(out is not None for out in step_batch(gens)):
                 n += 1
             t3 = time.perf_counter()
             prefill_ms[path].append((t2 - t1) * 1000)
-            step_rates[path].append(n / (t3 - t2))
+            step_rates[path].append(n / (t3 - t2))  # each response's steps per second
     model.llm.decode_graph = graph
     by_path = {
         p: {
@@ -102,7 +121,8 @@ def bench_decode(
         "precision": model.precision,
         "auto": probe.as_json() if probe is not None else {"choice": "bfloat16", "reason": "CUDA"},
         "batch": batch,
-        "prompt_positions": prompt.length,
+        "responses": responses,
+        "prompt_positions": prompts[0].length,
         "decode_steps": steps,
         "repeats": repeats,
         "load_s": round(load_s, 3),
@@ -119,8 +139,8 @@ def bench_decode(
 
 def print_table(result: dict[str, Any]) -> None:
     cols = [
-        "model", "dtype", "decode_path", "batch", "prompt_positions", "prefill_ms", "step_ms", "steps_per_s",
-        "real_time_factor",
+        "model", "dtype", "decode_path", "batch", "responses", "prompt_positions", "prefill_ms", "step_ms",
+        "steps_per_s", "real_time_factor",
     ]  # fmt: skip
     print(" | ".join(cols))
     print(" | ".join(str(result[c]) for c in cols))

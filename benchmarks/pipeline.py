@@ -27,7 +27,7 @@ from streaming.config import StageThreads
 from streaming.events import AudioChunk
 from streaming.runner import ModelRunner, ResponseRequest
 
-from .decode import REAL_TIME_STEPS_PER_S
+from .decode import REAL_TIME_STEPS_PER_S, CallEach
 from .machine import machine_info, rss_mb
 
 
@@ -88,21 +88,27 @@ def _run_level(
     }
 
 
+DECODE_PATHS = ("default", "torch", "graph", "graph-each", "graph-spin")
+
+
 def _decode_paths(model: OmniModel, names: tuple[str, ...]) -> dict[str, DecodeGraph | None]:
     """Each decode path asked for -> the graph the LLM runs with it (None: torch)."""
     default = model.llm.decode_graph
     out: dict[str, DecodeGraph | None] = {}
     for name in names:
-        if name in ("graph", "graph-spin") and model.llm.quantized != "int8":
+        if name not in DECODE_PATHS:
+            raise ValueError(f"unknown decode path {name!r} ({', '.join(DECODE_PATHS)})")
+        if name.startswith("graph") and model.llm.quantized != "int8":
             raise ValueError(f"decode path {name} needs --dtype int8, got {model.precision}")
-        if name == "default" or (name == "graph" and default is not None and not default.spinning):
+        if name == "default":
             out[name] = default
         elif name == "torch":
             out[name] = None
-        elif name in ("graph", "graph-spin"):
-            out[name] = DecodeGraph(model.llm, spinning=name == "graph-spin")
+        elif name == "graph-spin":
+            out[name] = DecodeGraph(model.llm, spinning=True)
         else:
-            raise ValueError(f"unknown decode path {name!r} (default, torch, graph, graph-spin)")
+            graph = default if default is not None and not default.spinning else DecodeGraph(model.llm)
+            out[name] = graph if name == "graph" else CallEach(graph)
     return out
 
 
@@ -123,7 +129,8 @@ def bench_pipeline(
     """`stage_threads`: StageThreads specs timed side by side ("" = the defaults), one runner
     each on the same model. `max_audio_lead_ms`: how far an answer may run ahead of its
     listener (the server's is 1000; unbounded by default, the throughput figure). `decode_paths`:
-    default, torch, graph (int8: model.decode_graph), graph-spin (its ORT workers spinning)."""
+    default, torch, graph (int8: model.decode_graph), graph-each (a graph call per response, as before
+    the KVArena), graph-spin (its ORT workers spinning)."""
     model = OmniModel.load(checkpoint, dtype=dtype)
     graphs = _decode_paths(model, decode_paths)
     loaded_rss = rss_mb()

@@ -30,10 +30,10 @@ import torch
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 from torch import nn
 
-from .llm import Int8Linear, rope_tables
+from .llm import Int8Linear, KVArena, rope_tables
 
 if TYPE_CHECKING:
-    from .llm import KVCache, OmniLM
+    from .llm import CacheRows, KVCache, OmniLM
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,6 @@ def build_step_model(llm: OmniLM, accuracy_level: int = 4) -> bytes:
 class DecodeGraph:
     """One ORT session holding the int8 model's decode step; `step` runs one response's rows."""
 
-    # Responses in one step up to which a graph call each (each reads every weight) is no slower
-    # than the torch path's one call over all their rows: measured at 2, 3 and 4 (README, Decode
-    # graph); past it the step runs in torch.
-    MAX_GROUPS = 4
-
     def __init__(
         self, llm: OmniLM, threads: int | None = None, spinning: bool = False, accuracy_level: int = 4
     ) -> None:
@@ -183,6 +178,9 @@ class DecodeGraph:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         model = build_step_model(llm, accuracy_level)
         self._session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        cfg = self.config
+        # Where the caches of responses stepped together live (step_groups).
+        self.arena = KVArena(cfg.n_layer, cfg.n_query_groups, cfg.head_size, cfg.block_size)
         log.info(
             "decode graph: %d layers in one ONNX Runtime session (%d threads, spinning %s) in %.1f s",
             self.config.n_layer, self.threads, "on" if spinning else "off", time.perf_counter() - t0,
@@ -196,15 +194,60 @@ class DecodeGraph:
             raise ValueError("the decode graph needs an fp32 cache reserved past the step's position")
         if x.dtype != torch.float32 or x.shape[0] != cache.k.shape[1]:
             raise ValueError("the decode graph takes fp32 embeddings, one row per cache row")
+        self.arena.release_freed()
+        return self._run(x, cache.k, cache.v, np.full((x.shape[0],), start, dtype=np.int32))
+
+    def step_groups(self, x: torch.Tensor, groups: Sequence[CacheRows]) -> torch.Tensor:
+        """x (N, C) fp32, one position for each row of several responses; `groups` gives each
+        one's cache, position and rows of x, in order -> h (N, C). One call for them all: a
+        call reads every weight once, so it costs little more than a call for one (README,
+        Decode graph). Their caches join `arena` (a copy when one joins), and the call runs
+        over its rows from the first stepping member's to the last's; a member in between that
+        does not step rides along on a zero input, its keys written past its valid prefix
+        (GroupQueryAttention writes each row at its own seqlens_k). Every row is computed on
+        its own (MatMulNBits quantizes activations per row; attention is per row), so each
+        response gets the bits it gets alone (tested). The caller reserved the slots
+        (KVCache.reserve) and commits the lengths."""
+        self.arena.release_freed()
+        for g in groups:
+            if g.cache.k is None or g.cache.k.dtype != torch.float32 or g.cache.capacity <= g.start:
+                raise ValueError("the decode graph needs fp32 caches reserved past the step's position")
+        if x.dtype != torch.float32 or x.shape[0] != sum(g.rows.stop - g.rows.start for g in groups):
+            raise ValueError("the decode graph takes fp32 embeddings, one row per cache row")
+        arena = self.arena
+        arena.admit([g.cache for g in groups], max(g.start for g in groups) + 1)
+        at = {id(cache): rows for cache, rows in arena.members()}
+        lo = min(at[id(g.cache)].start for g in groups)
+        hi = max(at[id(g.cache)].stop for g in groups)
+        seqlens = np.zeros(hi - lo, dtype=np.int32)
+        stepping = {id(g.cache) for g in groups}
+        for cache, rows in arena.members():
+            if lo <= rows.start < hi and id(cache) not in stepping:
+                assert cache is not None  # admit dropped the freed ones
+                if cache.length >= arena.capacity:  # a full window: no slot to ride in
+                    return torch.cat([self.step(x[g.rows], g.cache, g.start) for g in groups])
+                seqlens[rows.start - lo : rows.stop - lo] = cache.length
+        index = torch.cat([torch.arange(at[id(g.cache)].start, at[id(g.cache)].stop) for g in groups]) - lo
+        for g in groups:
+            seqlens[at[id(g.cache)].start - lo : at[id(g.cache)].stop - lo] = g.start
+        xs = x.new_zeros(hi - lo, x.shape[1])
+        xs[index] = x
+        assert arena.k is not None and arena.v is not None
+        return self._run(xs, arena.k[:, lo:hi], arena.v[:, lo:hi], seqlens)[index]
+
+    def _run(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: np.ndarray) -> torch.Tensor:
+        """The graph over x (B, C) with k, v (n_layer, B, KV, capacity, hs), each row at its
+        seqlens position; each layer's slice is bound as past and present (written in place)."""
         x = x.contiguous()
         rows = x.shape[0]
         binding = self._session.io_binding()
         binding.bind_input("x", "cpu", 0, np.float32, [rows, self.config.n_embd], x.data_ptr())
-        binding.bind_cpu_input("seqlens_k", np.full((rows,), start, dtype=np.int32))
-        binding.bind_cpu_input("total_len", np.array(start + 1, dtype=np.int32))
-        shape = list(cache.k.shape[1:])
+        binding.bind_cpu_input("seqlens_k", seqlens)
+        binding.bind_cpu_input("total_len", np.array(int(seqlens.max()) + 1, dtype=np.int32))
+        shape = list(k.shape[1:])
         for i in range(self.config.n_layer):
-            for kind, buffer in (("k", cache.k[i]), ("v", cache.v[i])):
+            for kind, buffer in (("k", k[i]), ("v", v[i])):
+                assert buffer.is_contiguous()
                 binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, buffer.data_ptr())
                 binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, buffer.data_ptr())
         h = torch.empty(rows, self.config.n_embd)

@@ -10,6 +10,7 @@ own `KVCache` at its own positions.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, cast
@@ -54,6 +55,8 @@ class KVCache:
         self.length = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        # Set when k, v are rows of a KVArena's buffers: then the arena grows them.
+        self.arena: KVArena | None = None
 
     @property
     def capacity(self) -> int:
@@ -71,7 +74,10 @@ class KVCache:
             raise ValueError("a KV cache serves one response: same rows, dtype and device at every step")
         if stop <= self.capacity:
             return
-        cap = min(self.max_len, max(2 * self.capacity, -(-stop // self.GROW) * self.GROW))
+        if self.arena is not None:
+            self.arena.grow(stop)
+            return
+        cap = grown_capacity(self.capacity, stop, self.max_len)
         k = like.new_empty((self.n_layer, rows, self.n_kv_heads, cap, self.head_size))
         v = torch.empty_like(k)
         if self.k is not None and self.v is not None:
@@ -95,6 +101,99 @@ class KVCache:
         self.k[layer, :, :, start:stop] = k
         self.v[layer, :, :, start:stop] = v
         return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+
+
+def grown_capacity(capacity: int, stop: int, max_len: int) -> int:
+    """Room for position stop - 1: at least twice the old capacity (few copies), in multiples of
+    KVCache.GROW, never past the window."""
+    return min(max_len, max(2 * capacity, -(-stop // KVCache.GROW) * KVCache.GROW))
+
+
+class KVArena:
+    """One k and one v buffer (n_layer, R, KV, capacity, hs) for the caches of responses that
+    decode together, each member cache's k, v a view of its own rows. Why: a decode graph call
+    takes one buffer per layer (GroupQueryAttention), so only caches that share buffers can be
+    stepped by one call (model.decode_graph), which costs far less than a call each.
+
+    A cache joins with `admit`, its valid prefix copied in; members keep their row order. A
+    member whose response ended (the cache was freed) leaves rows that the next `admit` gives
+    back, moving the later members down; once no member is left the buffers are freed."""
+
+    def __init__(self, n_layer: int, n_kv_heads: int, head_size: int, max_len: int) -> None:
+        self.n_layer, self.n_kv_heads, self.head_size, self.max_len = n_layer, n_kv_heads, head_size, max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self._members: list[tuple[weakref.ref[KVCache], int]] = []  # (cache, its rows) in row order
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[3]
+
+    def members(self) -> list[tuple[KVCache | None, slice]]:
+        """Each member (None once freed) and its rows, in row order."""
+        out, row = [], 0
+        for ref, rows in self._members:
+            out.append((ref(), slice(row, row + rows)))
+            row += rows
+        return out
+
+    def release_freed(self) -> None:
+        """Free the buffers once every member was freed (cheap: call it at every step)."""
+        if self._members and all(ref() is None for ref, _ in self._members):
+            self._members, self.k, self.v = [], None, None
+
+    def admit(self, caches: Sequence[KVCache], stop: int) -> None:
+        """Make every one of `caches` a member (each filled, fp32 or not, like the others) and
+        give every member room for positions up to `stop` - 1 and past its own valid prefix.
+        Copies only when the membership or the buffers' size change."""
+        live = [(c, rows) for ref, rows in self._members if (c := ref()) is not None]
+        new: list[tuple[KVCache, int]] = []
+        for cache in caches:
+            if cache.arena is self:
+                continue
+            if cache.arena is not None or cache.k is None or cache.v is None:
+                raise ValueError("the arena admits a filled cache that no other arena holds")
+            if self.k is not None and (cache.k.dtype, cache.k.device) != (self.k.dtype, self.k.device):
+                raise ValueError("the arena's caches share one dtype and device")
+            new.append((cache, cache.k.shape[1]))
+        if not live and not new:
+            self._members, self.k, self.v = [], None, None
+            return
+        # Room past each valid prefix too: a member that does not step rides along (decode_graph).
+        need = max([stop] + [min(c.length + 1, self.max_len) for c, _ in live + new])
+        rows_used, rows_new = sum(rows for _, rows in self._members), sum(rows for _, rows in new)
+        if (
+            self.k is not None
+            and len(live) == len(self._members)
+            and need <= self.capacity
+            and rows_used + rows_new <= self.k.shape[1]
+        ):  # no hole, room at the end: copy in the new ones only
+            self._place(new, rows_used)
+            return
+        like = (live + new)[0][0].k
+        assert like is not None
+        capacity = grown_capacity(self.capacity, need, self.max_len) if need > self.capacity else self.capacity
+        shape = (self.n_layer, sum(r for _, r in live + new), self.n_kv_heads, capacity, self.head_size)
+        self.k, self.v = like.new_empty(shape), like.new_empty(shape)  # members still view the old
+        self._members = []
+        self._place(live + new, 0)
+
+    def grow(self, stop: int) -> None:
+        """Room for position stop - 1 in every member (a member's KVCache.reserve asks)."""
+        if stop > self.capacity:
+            self.admit([], stop)
+
+    def _place(self, caches: Sequence[tuple[KVCache, int]], row: int) -> None:
+        """Copy each cache's valid prefix to the rows from `row` on and make it a view of them."""
+        assert self.k is not None and self.v is not None
+        for cache, rows in caches:
+            assert cache.k is not None and cache.v is not None
+            k, v = self.k[:, row : row + rows], self.v[:, row : row + rows]
+            k[:, :, :, : cache.length] = cache.k[:, :, :, : cache.length]
+            v[:, :, :, : cache.length] = cache.v[:, :, :, : cache.length]
+            cache.k, cache.v, cache.arena = k, v, self
+            self._members.append((weakref.ref(cache), rows))
+            row += rows
 
 
 class CacheRows(NamedTuple):
@@ -544,10 +643,11 @@ class OmniLM(nn.Module):
             starts += [start] * (rows.stop - rows.start)
         if len(starts) != n:
             raise ValueError(f"groups cover {len(starts)} rows of {n}")
-        if graph is not None and t == 1 and len(plan) <= graph.MAX_GROUPS:
-            # A graph call per response (each reads every weight): up to MAX_GROUPS no slower
-            # than the torch path's one call over all their rows (measured).
-            h = torch.cat([graph.step(embeds[a.rows.rows, 0], a.rows.cache, a.rows.start) for a in plan])
+        if graph is not None and t == 1:
+            if len(plan) == 1:
+                h = graph.step(embeds[:, 0], plan[0].rows.cache, plan[0].rows.start)
+            else:  # one call for every response: their caches share the graph's KVArena
+                h = graph.step_groups(embeds[:, 0], [a.rows for a in plan])
             for a in plan:
                 a.rows.cache.length = a.rows.start + 1
             return h[:, None]

@@ -221,6 +221,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         ckpt,
         dtype=args.dtype,
         batch=args.batch,
+        responses=args.responses,
         steps=args.steps,
         prompt_frames=args.prompt_frames,
         repeats=args.repeats,
@@ -452,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd = bsub.add_parser("decode", help="prefill ms, decode steps/s, real-time factor")
     _add_checkpoint_args(bd)
     bd.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random checkpoint when none is given")
-    bd.add_argument("--batch", type=int, choices=[1, 2], default=2)
+    bd.add_argument("--batch", type=int, choices=[1, 2], default=2, help="rows of each response (A1->A2 has 2)")
+    bd.add_argument("--responses", type=int, default=1,
+                    help="responses stepped together (one batched step); steps/s is each one's")  # fmt: skip
     bd.add_argument("--steps", type=int, default=64)
     bd.add_argument("--prompt-frames", type=int, default=100, help="Whisper frames in the prompt (50 per second)")
     bd.add_argument("--repeats", type=int, default=3)
@@ -549,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + PREFILL_CHUNK_HELP)  # fmt: skip
     bp.add_argument("--decode-path", default="default",
                     help="decode paths side by side, comma-separated: default (what the precision runs), torch, "
-                         "graph (int8 only), graph-spin (its ORT workers spinning)")  # fmt: skip
+                         "graph (int8 only), graph-each (a graph call per response, not one for all), "
+                         "graph-spin (its ORT workers spinning)")  # fmt: skip
     bp.add_argument("--json", type=Path)
     bp.set_defaults(func=cmd_bench_pipeline, device="cpu")
     bc = bsub.add_parser("compare", help="ours vs a naive upstream-style loop, fp32 and bf16, side by side")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from model.decoding import SamplingConfig, step_batch
-from model.llm import Int8Linear, OmniLM
+from model.llm import Int8Linear, KVArena, KVCache, OmniLM
 from model.omni import OmniModel
 from model.prompts import Task, build_prompt
 
@@ -109,11 +109,19 @@ def _prompt(model: OmniModel, frames: int, seed: int = 1):
     return build_prompt(Task.A1A2, model.layout, audio_features=feats)
 
 
-def test_batched_responses_get_the_tokens_they_get_alone(
+def _count_calls(graph, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of every graph call from now on."""
+    calls: list[int] = []
+    real_run = graph._run
+    monkeypatch.setattr(graph, "_run", lambda x, *a: calls.append(x.shape[0]) or real_run(x, *a))
+    return calls
+
+
+def test_responses_stepped_together_get_their_solo_tokens_from_one_call(
     int8_model: OmniModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Up to MAX_GROUPS responses each run their own graph call: their tokens are those of
-    each alone (a batched torch step would round them differently)."""
+    """Every row is computed on its own in the graph, so one call for two responses gives each
+    the tokens it gets alone (a batched torch step would round them differently)."""
     prompts = [_prompt(int8_model, 20), _prompt(int8_model, 27, seed=2)]
     sampling = SamplingConfig(temperature=0.9, top_k=50, seed=3)
 
@@ -124,29 +132,99 @@ def test_batched_responses_get_the_tokens_they_get_alone(
     for g in alone:
         g.run()
     together = start()
-    calls = []
     graph = int8_model.llm.decode_graph
-    assert graph is not None and graph.MAX_GROUPS >= 2
-    real_step = graph.step
-    monkeypatch.setattr(graph, "step", lambda *a: calls.append(1) or real_step(*a))
+    assert graph is not None
+    calls = _count_calls(graph, monkeypatch)
     while any(g.stop is None for g in together):
         step_batch([g for g in together if g.stop is None])
     assert _tokens(together) == _tokens(alone)
-    # A call per response per step: 11 decode steps and the prompt's last position (A1->A2's two
+    # One call of 4 rows a step: 11 decode steps and the prompt's last position (A1->A2's two
     # rows differ only there: model.decoding.shared_prefix); the shared prefix is torch's.
-    assert len(calls) == 2 * 12
+    assert calls == [4] * 12
+    assert [cache for cache, _ in graph.arena.members()] == [g.cache for g in together]
 
 
-def test_past_max_groups_the_step_runs_in_torch(int8_model: OmniModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    llm = int8_model.llm
-    graph = llm.decode_graph
+def test_a_response_that_skips_steps_rides_along_and_keeps_its_tokens(
+    int8_model: OmniModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three responses in the arena; the middle one waits some steps (a runner holds a response
+    whose audio is far enough ahead) while the others step in one call over its rows too, and
+    one ends early: every response still gets its solo tokens, each step one call."""
+    prompts = [_prompt(int8_model, 20 + 3 * i, seed=i) for i in range(3)]
+    sampling = SamplingConfig(temperature=0.9, top_k=50, seed=5)
+    budgets = [12, 12, 6]
+
+    def start():
+        return [
+            int8_model.start(p, sampling, max_new_tokens=n, stop_rules=False)
+            for p, n in zip(prompts, budgets, strict=True)
+        ]
+
+    alone = start()
+    for g in alone:
+        g.run()
+    gens = start()
+    graph = int8_model.llm.decode_graph
     assert graph is not None
-    monkeypatch.setattr(graph, "MAX_GROUPS", 1)
-    monkeypatch.setattr(graph, "step", lambda *a: pytest.fail("the graph ran past MAX_GROUPS"))
-    caches = [_prefilled(llm, rows=1) for _ in range(2)]
-    x = torch.randn(2, 1, llm.config.n_embd)
-    h = llm.hidden_batched(x, [(c, 12, slice(i, i + 1)) for i, c in enumerate(caches)])
-    assert h.shape == (2, 1, llm.config.n_embd) and all(c.length == 13 for c in caches)
+    calls = _count_calls(graph, monkeypatch)
+    for _ in range(3):
+        step_batch(gens)
+    for _ in range(3):  # the middle one waits: it rides along in rows 2-3 of 6
+        step_batch([gens[0], gens[2]])
+    assert calls[-3:] == [6] * 3 and gens[1].steps_done == 3
+    while any(g.stop is None for g in gens):
+        step_batch([g for g in gens if g.stop is None])
+    assert _tokens(gens) == _tokens(alone)
+    ended = gens.pop()  # its cache freed: the next call over the arena leaves its rows out
+    del ended
+    assert None in [cache for cache, _ in graph.arena.members()]
+    more = [int8_model.start(prompts[2], sampling, max_new_tokens=2, stop_rules=False) for _ in range(2)]
+    calls.clear()
+    for _ in range(2):
+        step_batch(more)
+    assert calls == [4, 4] and [c for c, _ in graph.arena.members()][-2:] == [g.cache for g in more]
+    assert all(c is not None for c, _ in graph.arena.members())
+
+
+def test_the_arena_keeps_every_members_prefix_when_it_moves_grows_or_frees() -> None:
+    def filled(rows: int, length: int, seed: int) -> KVCache:
+        cache = KVCache(2, 1, 4, 1024)
+        x = torch.randn(rows, 1, length, 4, generator=torch.Generator().manual_seed(seed))
+        cache.reserve(0, length, torch.zeros(rows, length, 8))
+        for layer in range(2):
+            cache.write(layer, 0, x + layer, -x)
+        cache.length = length
+        return cache
+
+    def prefix(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        assert cache.k is not None and cache.v is not None
+        return cache.k[..., : cache.length, :].clone(), cache.v[..., : cache.length, :].clone()
+
+    arena = KVArena(2, 1, 4, 1024)
+    a, b, c = filled(2, 10, 0), filled(1, 300, 1), filled(2, 5, 2)
+    want = {id(x): prefix(x) for x in (a, b, c)}
+    arena.admit([a, b], 11)
+    assert arena.capacity == 512 and [r for _, r in arena.members()] == [slice(0, 2), slice(2, 3)]
+    assert a.arena is arena and a.k is not None and a.k.data_ptr() == arena.k.data_ptr()  # a view
+    b.reserve(300, 600, torch.zeros(1, 300, 8))  # a member grows: the arena grows for all
+    assert arena.capacity == 1024 and a.capacity == b.capacity == 1024
+    del a
+    arena.admit([c], 6)  # a's rows go back, b moves down, c joins after it
+    assert [r for _, r in arena.members()] == [slice(0, 1), slice(1, 3)]
+    for x in (b, c):
+        got = prefix(x)
+        assert torch.equal(got[0], want[id(x)][0]) and torch.equal(got[1], want[id(x)][1])
+    with pytest.raises(ValueError, match="one dtype"):
+        arena.admit([_bf16(filled(1, 3, 4))], 4)
+    del b, c, x, got
+    arena.release_freed()
+    assert arena.k is None and arena.members() == []
+
+
+def _bf16(cache: KVCache) -> KVCache:
+    assert cache.k is not None and cache.v is not None
+    cache.k, cache.v = cache.k.bfloat16(), cache.v.bfloat16()
+    return cache
 
 
 def test_a_failed_graph_step_commits_no_cache_and_a_retry_gets_the_same_tokens(
@@ -160,20 +238,19 @@ def test_a_failed_graph_step_commits_no_cache_and_a_retry_gets_the_same_tokens(
         step_batch(gens)
     graph = int8_model.llm.decode_graph
     assert graph is not None
-    real_step, seen = graph.step, []
+    real_run = graph._run
 
-    def fail_second(x, cache, start):  # the first response's slot is written, the second fails
-        seen.append(start)
-        if len(seen) == 2:
-            raise RuntimeError("ORT failed")
-        return real_step(x, cache, start)
+    def fail_after_writing(*args):  # the call wrote every row's slot, then failed
+        real_run(*args)
+        raise RuntimeError("ORT failed")
 
-    monkeypatch.setattr(graph, "step", fail_second)
+    monkeypatch.setattr(graph, "_run", fail_after_writing)
     lengths = [g.cache.length for g in gens]
     with pytest.raises(RuntimeError, match="ORT failed"):
         step_batch(gens)
     monkeypatch.undo()
     assert [g.cache.length for g in gens] == lengths and all(g.steps_done == 2 for g in gens)
+    step_batch(gens[1:])  # a retry alone, then together again
     while any(g.stop is None for g in gens):
         step_batch([g for g in gens if g.stop is None])
     assert _tokens(gens) == _tokens([clean, clean])
@@ -224,9 +301,9 @@ def test_bench_pipeline_runs_the_decode_paths_side_by_side(tiny_ckpt) -> None:
 
     from .conftest import FIXTURES
 
-    result = bench_pipeline(tiny_ckpt, FIXTURES / "question.wav", dtype="int8", steps=8, levels=(1,),
-                            decode_paths=("torch", "graph"))  # fmt: skip
-    assert [r["decode_path"] for r in result["levels"]] == ["torch", "graph"]
+    result = bench_pipeline(tiny_ckpt, FIXTURES / "question.wav", dtype="int8", steps=8, levels=(2,),
+                            decode_paths=("torch", "graph", "graph-each"))  # fmt: skip
+    assert [r["decode_path"] for r in result["levels"]] == ["torch", "graph", "graph-each"]
     assert all(r["first_audio_ms"] is not None for r in result["levels"])
     with pytest.raises(ValueError, match="needs --dtype int8"):
         bench_pipeline(tiny_ckpt, FIXTURES / "question.wav", dtype="float32", steps=8, levels=(1,),
@@ -243,4 +320,10 @@ def test_bench_decode_times_both_paths(tiny_ckpt, tmp_path) -> None:
                  "--repeats", "1", "--json", str(out)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
     assert doc["decode_path"] == "graph" and set(doc["paths"]) == {"graph", "torch"}
+    assert doc["step_ms"] == doc["paths"]["graph"]["step_ms"] > 0 and doc["paths"]["torch"]["step_ms"] > 0
+    # Two responses stepped together: one call for both, a call each, and torch's batched step.
+    assert main(["bench", "decode", "--checkpoint-dir", str(tiny_ckpt), "--dtype", "int8", "--steps", "4",
+                 "--repeats", "1", "--responses", "2", "--json", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["responses"] == 2 and set(doc["paths"]) == {"graph", "graph-each", "torch"}
     assert doc["step_ms"] == doc["paths"]["graph"]["step_ms"] > 0 and doc["paths"]["torch"]["step_ms"] > 0

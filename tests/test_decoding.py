@@ -50,15 +50,19 @@ class ScriptedLM:
         return row, text, audio
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        row, text, _ = self._entry(h)
+        """(N, C) -> (N, V): each row's scripted text token."""
         out = torch.zeros(h.shape[0], LAYOUT.padded_text_vocab_size)
-        out[:, text + 1000 * row if text < 100 else text] = 1.0
+        for n in range(h.shape[0]):
+            row, text, _ = self._entry(h[n])
+            out[n, text + 1000 * row if text < 100 else text] = 1.0
         return out
 
     def audio_logits(self, h: torch.Tensor) -> torch.Tensor:
-        _, _, audio = self._entry(h)
-        out = torch.zeros(7, LAYOUT.padded_audio_vocab_size)
-        out[torch.arange(7), torch.tensor(list(audio))] = 1.0
+        """(N, C) -> (N, 7, V): each row's scripted audio tokens."""
+        out = torch.zeros(h.shape[0], 7, LAYOUT.padded_audio_vocab_size)
+        for n in range(h.shape[0]):
+            _, _, audio = self._entry(h[n])
+            out[n, torch.arange(7), torch.tensor(list(audio))] = 1.0
         return out
 
 
@@ -564,8 +568,8 @@ def test_failed_batched_step_retried_alone_gives_uninterrupted_tokens(
     tiny_model: OmniModel, question_audio, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     """A batched step that raises mid-forward (in the last layer's MLP, after every layer wrote
-    its KV) or mid-sampling (the third response's head, after the second one drew from its
-    generator) changes no response; retrying each alone, then batching on, gives the tokens
+    its KV) or mid-sampling (the third response's first draw, after the others drew from their
+    generators) changes no response; retrying each alone, then batching on, gives the tokens
     of an uninterrupted run."""
     llm = tiny_model.llm
     trigger = _Trigger()
@@ -574,8 +578,10 @@ def test_failed_batched_step_retried_alone_gives_uninterrupted_tokens(
         mlp_forward = mlp.forward
         monkeypatch.setattr(mlp, "forward", lambda x: (trigger(), mlp_forward(x))[1])
     else:
-        audio_logits = llm.audio_logits
-        monkeypatch.setattr(llm, "audio_logits", lambda h: (trigger(), audio_logits(h))[1])
+        import model.decoding as decoding
+
+        real_sample = decoding.sample
+        monkeypatch.setattr(decoding, "sample", lambda *a: (trigger(), real_sample(*a))[1])
     cfgs = [
         None,
         SamplingConfig(temperature=1.0, top_k=50, seed=5),
@@ -594,7 +600,7 @@ def test_failed_batched_step_retried_alone_gives_uninterrupted_tokens(
     for step in range(1, 24):
         if step in (3, 10):
             before = [_snapshot(g) for g in gens]
-            trigger.arm(0 if where == "forward" else 2)
+            trigger.arm(0 if where == "forward" else 4)  # 4: two draws (audio, text) of two responses
             with pytest.raises(RuntimeError, match="injected"):
                 step_batch(gens)
             for g, b in zip(gens, before, strict=True):

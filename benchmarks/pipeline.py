@@ -33,6 +33,7 @@ from .machine import machine_info, rss_mb
 
 @dataclass
 class _Answer:
+    submitted: float = 0.0
     first: float | None = None
     end: float = 0.0
     audio_s: float = 0.0
@@ -47,16 +48,16 @@ def _run_level(
     first audio, i.e. a new turn's encode and prefill while the earlier answers play."""
     t0 = time.monotonic()
     handles = [runner.stream("r0", request)]
-    stats = [_Answer()]
+    stats = [_Answer(t0)]
     deadline = t0 + 60 + steps * n
     while len(handles) < n and stagger_s is None:
         handles.append(runner.stream(f"r{len(handles)}", request))
-        stats.append(_Answer())
+        stats.append(_Answer(time.monotonic()))
     while time.monotonic() < deadline and not (len(handles) == n and all(h.done is not None for h in handles)):
         due = stats[-1].first
         if stagger_s is not None and due is not None and len(handles) < n and time.monotonic() >= due + stagger_s:
             handles.append(runner.stream(f"r{len(handles)}", request))
-            stats.append(_Answer())
+            stats.append(_Answer(time.monotonic()))
         for h, st in zip(handles, stats, strict=True):
             for ev in h.drain():
                 now = time.monotonic()
@@ -82,6 +83,9 @@ def _run_level(
         "steps_per_s_total": round(sum(sps), 2),
         "max_stall_ms": round(max(st.stall for st in stats) * 1000, 1),
         "max_chunk_gap_ms": round(max(st.gap for st in stats) * 1000, 1),
+        # Each answer in submit order: first audio from its own submit, its worst stall.
+        "first_audio_ms_each": [None if st.first is None else round((st.first - st.submitted) * 1000) for st in stats],
+        "stall_ms_each": [round(st.stall * 1000) for st in stats],
         "audio_s_per_answer": round(float(np.mean([st.audio_s for st in stats])), 2),
         "rss_mb": round(rss_mb(), 1),
         "peak_rss_mb": round(rss_mb(peak=True), 1),

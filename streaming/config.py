@@ -151,14 +151,15 @@ class SessionConfig:
     chunk_frames: int = 1  # SNAC frames in the first audio chunk (1 frame = 85.33 ms): fast first audio
     # Later chunks double up to this. Each SNAC window also decodes 3 + 3 context frames: with 8
     # (14-frame windows) a frame costs 32 ms of one core on the full SNAC instead of 43 with 4
-    # (README, Streaming engine). 8 + 3 lookahead frames stay inside the 1 s audio lead.
+    # (README, Streaming engine).
     max_chunk_frames: int = 8
     left_context_frames: int = 3  # SNAC decode context; 3 + 3 decodes exactly
     lookahead_frames: int = 3
     # Opt-in fast start: the first chunk with this much lookahead (approximate at its end, ~85 ms
     # sooner per frame saved); None = exact from the first sample.
     first_chunk_lookahead_frames: int | None = None
-    max_audio_lead_ms: float = 1000.0  # generation may run this far ahead of playback
+    # Audio sent at most this far ahead of playback (frames in the SNAC stage come on top).
+    max_audio_lead_ms: float = 1000.0
     transcribe_input: bool = False  # user-turn transcripts through the command detector's ASR
     max_new_tokens: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -82,9 +82,14 @@ class ResponseRequest:
         return self.task.audio_out and self.audio_output
 
     @property
-    def min_lead_ms(self) -> float:
-        """Never less lead than the first exact chunk needs, or the first audio would never come."""
-        return max(self.max_audio_lead_ms, (self.max_chunk_frames + self.lookahead_frames + 1) * FRAME_MS)
+    def generation_lead_ms(self) -> float:
+        """How far frames may be made ahead of playback: the audio lead plus what the SNAC
+        stage holds back (up to a chunk and its lookahead), so that up to max_audio_lead_ms
+        (plus a frame) of audio is sent ahead of the listener. Bounding the frames by the audio
+        lead alone left the listener ~no audio in hand at the server's 1 s: the 8 + 3 frames
+        (939 ms) of the pipeline ate it, and every hiccup became a stall (README, Streaming
+        engine)."""
+        return self.max_audio_lead_ms + (self.max_chunk_frames + self.lookahead_frames) * FRAME_MS
 
 
 def failure_message(exc: BaseException) -> str:
@@ -390,7 +395,7 @@ class ModelRunner:
         if not job.audio:
             return True
         played = 0.0 if job.play_start is None else (now - job.play_start) * 1000
-        return job.frames_made * FRAME_MS - played < req.min_lead_ms
+        return job.frames_made * FRAME_MS - played < req.generation_lead_ms
 
     def _round(self, now: float) -> bool:
         """One step of every response that may step: prefills alone (their lengths differ),

@@ -417,6 +417,10 @@ def test_output_audio_buffer_clear_and_the_hangup_endpoint(server: Running) -> N
         call_id = resp.headers["location"].rsplit("/", 1)[-1]
         await peer.answer(resp.text)
         await peer.until(of_type("session.created"), 10)
+        # Audio at most 200 ms ahead of playback: generation is still running when the clear comes.
+        peer.extensions = True
+        peer.send({"type": "session.update", "session": {"type": "realtime", "omnivox": {"max_audio_lead_ms": 200}}})
+        await peer.until(of_type("session.updated"), 10)
         content = [{"type": "input_text", "text": "Tell me a long story."}]
         peer.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": content}})
         peer.send({"type": "response.create"})

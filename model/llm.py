@@ -143,7 +143,7 @@ class KVArena:
             self._members, self.k, self.v = [], None, None
 
     def admit(self, caches: Sequence[KVCache], stop: int) -> None:
-        """Make every one of `caches` a member (each filled, fp32 or not, like the others) and
+        """Make every one of `caches` (filled, of the members' dtype and device) a member, and
         give every member room for positions up to `stop` - 1 and past its own valid prefix.
         Copies only when the membership or the buffers' size change."""
         live = [(c, rows) for ref, rows in self._members if (c := ref()) is not None]

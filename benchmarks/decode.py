@@ -35,7 +35,7 @@ class CallEach(DecodeGraph):
         self.__dict__.update(graph.__dict__)
 
     def step_groups(self, x: torch.Tensor, groups: Sequence[CacheRows]) -> torch.Tensor:
-        return torch.cat([self.step(x[g.rows], g.cache, g.start) for g in groups])
+        return self.step_each(x, groups)
 
 
 def _time_head(model: OmniModel, rows: int, repeats: int = 20) -> dict[str, float]:

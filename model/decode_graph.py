@@ -190,12 +190,26 @@ class DecodeGraph:
         """x (B, C) fp32, one position at `start` for every row of `cache` -> h (B, C) after the
         final norm. Writes the keys and values at `start` in place; the caller reserves the slot
         (KVCache.reserve) and commits `cache.length` once every response of the step is done."""
-        if cache.k is None or cache.v is None or cache.k.dtype != torch.float32 or cache.capacity <= start:
-            raise ValueError("the decode graph needs an fp32 cache reserved past the step's position")
-        if x.dtype != torch.float32 or x.shape[0] != cache.k.shape[1]:
-            raise ValueError("the decode graph takes fp32 embeddings, one row per cache row")
+        self._check(x, [(cache, start, x.shape[0])])
+        assert cache.k is not None and cache.v is not None
         self.arena.release_freed()
         return self._run(x, cache.k, cache.v, np.full((x.shape[0],), start, dtype=np.int32))
+
+    def step_each(self, x: torch.Tensor, groups: Sequence[CacheRows]) -> torch.Tensor:
+        """`step_groups` with a call per response (each reads every weight)."""
+        return torch.cat([self.step(x[g.rows], g.cache, g.start) for g in groups])
+
+    @staticmethod
+    def _check(x: torch.Tensor, caches: Sequence[tuple[KVCache, int, int]]) -> None:
+        """Refuse what the graph cannot bind: per cache (cache, start, its rows of x), an fp32
+        cache with those rows reserved past `start`; fp32 embeddings, a row per cache row."""
+        for cache, start, rows in caches:
+            if cache.k is None or cache.v is None or cache.k.dtype != torch.float32 or cache.capacity <= start:
+                raise ValueError("the decode graph needs an fp32 cache reserved past the step's position")
+            if cache.k.shape[1] != rows:
+                raise ValueError("the decode graph takes fp32 embeddings, one row per cache row")
+        if x.dtype != torch.float32 or x.shape[0] != sum(rows for _, _, rows in caches):
+            raise ValueError("the decode graph takes fp32 embeddings, one row per cache row")
 
     def step_groups(self, x: torch.Tensor, groups: Sequence[CacheRows]) -> torch.Tensor:
         """x (N, C) fp32, one position for each row of several responses; `groups` gives each
@@ -208,28 +222,25 @@ class DecodeGraph:
         its own (MatMulNBits quantizes activations per row; attention is per row), so each
         response gets the bits it gets alone (tested). The caller reserved the slots
         (KVCache.reserve) and commits the lengths."""
+        self._check(x, [(g.cache, g.start, g.rows.stop - g.rows.start) for g in groups])
         self.arena.release_freed()
-        for g in groups:
-            if g.cache.k is None or g.cache.k.dtype != torch.float32 or g.cache.capacity <= g.start:
-                raise ValueError("the decode graph needs fp32 caches reserved past the step's position")
-        if x.dtype != torch.float32 or x.shape[0] != sum(g.rows.stop - g.rows.start for g in groups):
-            raise ValueError("the decode graph takes fp32 embeddings, one row per cache row")
         arena = self.arena
         arena.admit([g.cache for g in groups], max(g.start for g in groups) + 1)
-        at = {id(cache): rows for cache, rows in arena.members()}
-        lo = min(at[id(g.cache)].start for g in groups)
-        hi = max(at[id(g.cache)].stop for g in groups)
+        members = arena.members()
+        at = {id(cache): rows for cache, rows in members}
+        spans = [at[id(g.cache)] for g in groups]  # each stepping response's arena rows
+        lo, hi = min(r.start for r in spans), max(r.stop for r in spans)
         seqlens = np.zeros(hi - lo, dtype=np.int32)
         stepping = {id(g.cache) for g in groups}
-        for cache, rows in arena.members():
+        for cache, rows in members:
             if lo <= rows.start < hi and id(cache) not in stepping:
                 assert cache is not None  # admit dropped the freed ones
                 if cache.length >= arena.capacity:  # a full window: no slot to ride in
-                    return torch.cat([self.step(x[g.rows], g.cache, g.start) for g in groups])
+                    return self.step_each(x, groups)
                 seqlens[rows.start - lo : rows.stop - lo] = cache.length
-        index = torch.cat([torch.arange(at[id(g.cache)].start, at[id(g.cache)].stop) for g in groups]) - lo
-        for g in groups:
-            seqlens[at[id(g.cache)].start - lo : at[id(g.cache)].stop - lo] = g.start
+        for g, rows in zip(groups, spans, strict=True):
+            seqlens[rows.start - lo : rows.stop - lo] = g.start
+        index = torch.cat([torch.arange(r.start, r.stop) for r in spans]) - lo
         xs = x.new_zeros(hi - lo, x.shape[1])
         xs[index] = x
         assert arena.k is not None and arena.v is not None

@@ -109,6 +109,26 @@ def _prompt(model: OmniModel, frames: int, seed: int = 1):
     return build_prompt(Task.A1A2, model.layout, audio_features=feats)
 
 
+def _solo_and_fresh(model: OmniModel, prompts, budgets, seed: int):
+    """Each prompt's generation run alone to its end, and fresh ones of the same to batch."""
+    sampling = SamplingConfig(temperature=0.9, top_k=50, seed=seed)
+
+    def start():
+        return [
+            model.start(p, sampling, max_new_tokens=n, stop_rules=False) for p, n in zip(prompts, budgets, strict=True)
+        ]
+
+    alone = start()
+    for g in alone:
+        g.run()
+    return alone, start()
+
+
+def _step_to_end(gens) -> None:
+    while any(g.stop is None for g in gens):
+        step_batch([g for g in gens if g.stop is None])
+
+
 def _count_calls(graph, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Rows of every graph call from now on."""
     calls: list[int] = []
@@ -123,20 +143,11 @@ def test_responses_stepped_together_get_their_solo_tokens_from_one_call(
     """Every row is computed on its own in the graph, so one call for two responses gives each
     the tokens it gets alone (a batched torch step would round them differently)."""
     prompts = [_prompt(int8_model, 20), _prompt(int8_model, 27, seed=2)]
-    sampling = SamplingConfig(temperature=0.9, top_k=50, seed=3)
-
-    def start():
-        return [int8_model.start(p, sampling, max_new_tokens=12, stop_rules=False) for p in prompts]
-
-    alone = start()
-    for g in alone:
-        g.run()
-    together = start()
+    alone, together = _solo_and_fresh(int8_model, prompts, [12, 12], seed=3)
     graph = int8_model.llm.decode_graph
     assert graph is not None
     calls = _count_calls(graph, monkeypatch)
-    while any(g.stop is None for g in together):
-        step_batch([g for g in together if g.stop is None])
+    _step_to_end(together)
     assert _tokens(together) == _tokens(alone)
     # One call of 4 rows a step: 11 decode steps and the prompt's last position (A1->A2's two
     # rows differ only there: model.decoding.shared_prefix); the shared prefix is torch's.
@@ -151,19 +162,7 @@ def test_a_response_that_skips_steps_rides_along_and_keeps_its_tokens(
     whose audio is far enough ahead) while the others step in one call over its rows too, and
     one ends early: every response still gets its solo tokens, each step one call."""
     prompts = [_prompt(int8_model, 20 + 3 * i, seed=i) for i in range(3)]
-    sampling = SamplingConfig(temperature=0.9, top_k=50, seed=5)
-    budgets = [12, 12, 6]
-
-    def start():
-        return [
-            int8_model.start(p, sampling, max_new_tokens=n, stop_rules=False)
-            for p, n in zip(prompts, budgets, strict=True)
-        ]
-
-    alone = start()
-    for g in alone:
-        g.run()
-    gens = start()
+    alone, gens = _solo_and_fresh(int8_model, prompts, [12, 12, 6], seed=5)
     graph = int8_model.llm.decode_graph
     assert graph is not None
     calls = _count_calls(graph, monkeypatch)
@@ -172,13 +171,12 @@ def test_a_response_that_skips_steps_rides_along_and_keeps_its_tokens(
     for _ in range(3):  # the middle one waits: it rides along in rows 2-3 of 6
         step_batch([gens[0], gens[2]])
     assert calls[-3:] == [6] * 3 and gens[1].steps_done == 3
-    while any(g.stop is None for g in gens):
-        step_batch([g for g in gens if g.stop is None])
+    _step_to_end(gens)
     assert _tokens(gens) == _tokens(alone)
     ended = gens.pop()  # its cache freed: the next call over the arena leaves its rows out
     del ended
     assert None in [cache for cache, _ in graph.arena.members()]
-    more = [int8_model.start(prompts[2], sampling, max_new_tokens=2, stop_rules=False) for _ in range(2)]
+    more = [int8_model.start(prompts[2], SamplingConfig(seed=5), max_new_tokens=2, stop_rules=False) for _ in range(2)]
     calls.clear()
     for _ in range(2):
         step_batch(more)
@@ -251,8 +249,7 @@ def test_a_failed_graph_step_commits_no_cache_and_a_retry_gets_the_same_tokens(
     monkeypatch.undo()
     assert [g.cache.length for g in gens] == lengths and all(g.steps_done == 2 for g in gens)
     step_batch(gens[1:])  # a retry alone, then together again
-    while any(g.stop is None for g in gens):
-        step_batch([g for g in gens if g.stop is None])
+    _step_to_end(gens)
     assert _tokens(gens) == _tokens([clean, clean])
 
 

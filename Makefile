@@ -44,10 +44,15 @@ typecheck: setup
 # Debian packages the browser tests need (chromium + chromium-driver; nodejs + npm bundle OpenAI's
 # browser SDK for tests/test_webrtc_browser.py); installed when missing and apt-get is usable.
 system-deps:
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver nodejs npm; \
-		else echo "note: chromium/chromium-driver/nodejs/npm missing and apt-get unavailable: the browser tests will be skipped"; fi; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "note:$$missing missing and apt-get unavailable: the browser tests will be skipped"; fi; \
 	fi
 
 unit: setup system-deps

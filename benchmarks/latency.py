@@ -87,6 +87,10 @@ def _snac_first_chunk_ms(model: OmniModel, frames: int, repeats: int = 5) -> flo
     return (time.perf_counter() - t0) / repeats * 1000
 
 
+# tokens the barge-in answer may run to (~12 s of audio): it is interrupted long before
+BARGE_IN_TOKENS = 150
+
+
 def _label(mode: str, first_lookahead: int | None, speculate: int | None = None) -> str:
     label = mode if first_lookahead is None else f"{mode}+la{first_lookahead}"
     return label if speculate is None else f"{label}+spec{speculate}"
@@ -183,7 +187,10 @@ def bench_latency(
             if (mode, la, sp) != variants[0]:
                 continue
             # -- barge-in (once per run): a new answer, then "stop omni" while it plays
-            s2 = LocalSession(runner, vad, recognizer, cfg.replace(max_audio_lead_ms=1000))
+            # An answer long enough to still be playing when the command has been spoken and
+            # recognized, on a slow host too (30 tokens is 2 s of audio: over before "stop omni").
+            barge_cfg = cfg.replace(max_audio_lead_ms=1000, max_new_tokens=max(max_new_tokens, BARGE_IN_TOKENS))
+            s2 = LocalSession(runner, vad, recognizer, barge_cfg)
             ev2: list[tuple[float, Event]] = []
             _speak(s2, np.concatenate([silence, question, np.zeros(int(0.7 * 16000), np.float32)]), ev2)
             if _wait(s2, ev2, AudioChunk, 120) is not None:

@@ -120,6 +120,8 @@ def bench_decode(
         "dtype": dtype,
         "precision": model.precision,
         "auto": probe.as_json() if probe is not None else {"choice": "bfloat16", "reason": "CUDA"},
+        # a quantized mode's prefill matmuls and encoder dtype, as the load's probe chose them
+        "many_rows": model.many_rows_probe.as_json() if model.many_rows_probe is not None else None,
         "batch": batch,
         "responses": responses,
         "prompt_positions": prompts[0].length,
@@ -149,5 +151,8 @@ def print_table(result: dict[str, Any]) -> None:
     print("head ms per call:", json.dumps(result["head"]))
     auto = result["auto"]
     print(f"--dtype auto picks {auto['choice']} here: {auto['reason']}")
+    if result["many_rows"] is not None:
+        rows = result["many_rows"]
+        print(f"prefill int8 matmuls {rows['many_rows']}, encoders {rows['encoder_dtype']}: {rows['reason']}")
     m = result["machine"]
     print(f"machine: {m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, {m['device']}")

@@ -337,21 +337,28 @@ def _split_outlier_columns(w: torch.Tensor, ratio: float, max_fraction: float) -
     return torch.topk(rel, k).indices.sort().values if k else torch.zeros(0, dtype=torch.long)
 
 
+# How a quantized Linear computes a prefill's many rows (>= QuantLinear.DEQUANTIZE_ROWS): the
+# weights dequantized for one GEMM in bf16 or in fp32, or the weight-only kernel on every row.
+# Which is fastest is the host's, not its flags' (model.probe.probe_many_rows: on a 2-core AVX2
+# EPYC a bf16 GEMM ran at a fifth of fp32's speed, on an AVX-512 one at twice it).
+MANY_ROWS_MODES = ("gemm-bf16", "gemm-fp32", "kernel")
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W in a low-bit form (subclasses), bf16 activations.
 
     Input columns whose weights are outliers (absmax > OUTLIER_RATIO x the median column's) are
     kept out of the quantized matrix and multiplied in bf16 (LLM.int8()'s decomposition, on the
     weight side): one large column would otherwise set every row's (or group's) scale and
-    flatten the rest. For a prefill's many rows (>= DEQUANTIZE_ROWS) the weights are
-    dequantized for one bf16 GEMM: the weight-only kernels cost ~linear time per row (GEMVs),
-    and the GEMM is ~2x faster there.
+    flatten the rest. For a prefill's many rows (>= DEQUANTIZE_ROWS) `many_rows` says how:
+    the weight-only kernels cost ~linear time per row (GEMVs), so where a GEMM is fast the
+    weights are dequantized for one ("gemm-bf16", or "gemm-fp32" on the unrounded input).
     """
 
     OUTLIER_RATIO = 4.0
     MAX_OUTLIER_FRACTION = 1 / 64
     DEQUANTIZE_ROWS = 48
-    dequantizes = True  # False: even a prefill's rows go through the kernel
+    many_rows = "gemm-bf16"  # one of MANY_ROWS_MODES
     outlier_cols: torch.Tensor
     outlier_weight: torch.Tensor
 
@@ -375,18 +382,22 @@ class QuantLinear(nn.Module):
         """x (rows, in) bf16, few rows -> (rows, out) by the weight-only kernel."""
         raise NotImplementedError
 
-    def dequantized(self) -> torch.Tensor:
-        """The quantized matrix as bf16 (out, in), outlier columns zero."""
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The quantized matrix as (out, in) in `dtype`, outlier columns zero."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if self.dequantizes and flat.shape[0] >= self.DEQUANTIZE_ROWS:
-            y = F.linear(flat, self.dequantized())
+        flat = x.reshape(-1, x.shape[-1])
+        low = flat.to(torch.bfloat16)
+        if self.many_rows != "kernel" and flat.shape[0] >= self.DEQUANTIZE_ROWS:
+            if self.many_rows == "gemm-fp32":
+                y = F.linear(flat.float(), self.dequantized(torch.float32))
+            else:
+                y = F.linear(low, self.dequantized(torch.bfloat16))
         else:
-            y = self._matmul(flat.contiguous())
+            y = self._matmul(low.contiguous())
         if self.outlier_cols.numel():
-            y = y + flat[:, self.outlier_cols] @ self.outlier_weight.T
+            y = y + low[:, self.outlier_cols] @ self.outlier_weight.T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -408,8 +419,8 @@ class Int8Linear(QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.to(torch.bfloat16) * self.scales[:, None]
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
 
 
 class Int4Linear(QuantLinear):
@@ -420,7 +431,7 @@ class Int4Linear(QuantLinear):
     than the kernel's own 103-row call (4864 x 896: 8.7 vs 6.7 ms)."""
 
     GROUP = 32
-    dequantizes = False
+    many_rows = "kernel"
     weight_int4: torch.Tensor  # torch's packed layout, (out, in / 2) uint8
     scales_zeros: torch.Tensor  # (in / GROUP, out, 2) bf16: w = (u - 8) * scale + zero
 
@@ -440,9 +451,9 @@ class Int4Linear(QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x, self.weight_int4, self.GROUP, self.scales_zeros)
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         # By the kernel itself (the identity's rows): independent of how torch packs.
-        return self._matmul(torch.eye(self.in_features, dtype=torch.bfloat16)).T.contiguous()
+        return self._matmul(torch.eye(self.in_features, dtype=torch.bfloat16)).T.to(dtype).contiguous()
 
 
 class OrtInt8Linear(QuantLinear):
@@ -455,7 +466,7 @@ class OrtInt8Linear(QuantLinear):
     whole step as one graph."""
 
     BLOCK = 32
-    dequantizes = False
+    many_rows = "kernel"
 
     def _quantize(self, w: torch.Tensor) -> None:
         import onnxruntime as ort
@@ -548,7 +559,7 @@ class OmniLM(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
-    def quantize_(self, precision: str = "int8") -> OmniLM:
+    def quantize_(self, precision: str = "int8", many_rows: str | None = None) -> OmniLM:
         """Approximate modes: weight-only quantized matmuls with bf16 activations.
         int8: every Linear of the decoder layers and the head's audio slices hold int8 weights,
         one scale per output row, by torch's kernel; the head's text slice has a scale per 32
@@ -557,10 +568,13 @@ class OmniLM(nn.Module):
         layers' weights) hold 4-bit weights in groups of 32 inputs; attention and the head stay
         int8: 4-bit attention or head weights cost most of the agreement for a little speed
         (README, Precision). Embeddings, norms and the adapters stay in bf16/fp32; call on the
-        fp32 model (scales come from fp32 weights).
+        fp32 model (scales come from fp32 weights). many_rows: how the int8 Linears compute a
+        prefill (MANY_ROWS_MODES; model.probe.probe_many_rows times them), else their default.
         """
         if precision not in QUANTIZED:
             raise ValueError(f"quantize_ takes {', '.join(QUANTIZED)}, got {precision!r}")
+        if many_rows is not None and many_rows not in MANY_ROWS_MODES:
+            raise ValueError(f"many_rows must be one of {', '.join(MANY_ROWS_MODES)}, got {many_rows!r}")
         if self.dtype != torch.float32 or isinstance(self.lm_head, QuantHead):
             raise ValueError("quantize_ needs the fp32 model")
         # The quantized head replaces the fp32 one (unless tied, its weights are then freed).
@@ -571,6 +585,10 @@ class OmniLM(nn.Module):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
                         setattr(parent, name, kind(child.weight, child.bias))
+        if many_rows is not None:
+            for module in self.modules():
+                if isinstance(module, Int8Linear):
+                    module.many_rows = many_rows
         self.quantized = precision
         self.cast_parameters_(torch.bfloat16)
         return self

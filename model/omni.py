@@ -29,7 +29,7 @@ from .decoding import Generation, SamplingConfig
 from .errors import CheckpointError, InputError
 from .layout import TokenLayout
 from .llm import OmniLM
-from .probe import ProbeResult, probe_precisions
+from .probe import ManyRowsProbe, ProbeResult, probe_many_rows, probe_precisions
 from .prompts import Prompt, Task, build_prompt
 from .tokenizer import TextTokenizer
 from .vision import NO_IMAGES, ClipImageEncoder, load_clip
@@ -47,10 +47,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     return set(line.partition(":")[2].split())
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def release_freed_memory() -> None:
@@ -93,6 +89,7 @@ class OmniModel:
     clip: ClipImageEncoder | None = None  # Mini-Omni2 checkpoints only
     whisper_window: str = "padded"  # model.config.WHISPER_WINDOWS
     auto_probe: ProbeResult | None = None  # how `--dtype auto` chose, when it did on a CPU
+    many_rows_probe: ManyRowsProbe | None = None  # a quantized mode's prefill and encoder kernels
 
     @property
     def family(self) -> str:
@@ -144,16 +141,16 @@ class OmniModel:
         probe = probe_precisions(config) if precision == "auto" else None
         if probe is not None:
             precision = probe.choice
-        # int8/int4 quantize from the fp32 weights; the encoders then run in bf16 where native.
+        # int8/int4 quantize from the fp32 weights; how they run a prefill and whether the
+        # encoders run in bf16 are timed on this host (about a second).
         quantized = precision in QUANTIZED_PRECISIONS
         torch_dtype = torch.float32 if quantized else DTYPES[precision]
-        encoder_dtype = torch_dtype
-        if quantized and cpu_has_native_bf16():
-            encoder_dtype = torch.bfloat16
+        rows_probe = probe_many_rows(config) if quantized else None
+        encoder_dtype = DTYPES[rows_probe.encoder_dtype] if rows_probe is not None else torch_dtype
         lit_sd = load_lit_state_dict(root / LIT_MODEL)
         llm = build_llm(config, litgpt_to_omni(lit_sd, config, str(root / LIT_MODEL)), device, torch_dtype)
-        if quantized:
-            llm.quantize_(precision)
+        if rows_probe is not None:
+            llm.quantize_(precision, many_rows=rows_probe.many_rows)
         tokenizer = TextTokenizer.from_dir(root)
         whisper = load_whisper(root).to(device) if with_whisper else None
         # bf16 encoders: half the 30 s Whisper encode (features within ~1% of fp32) and half a
@@ -183,7 +180,7 @@ class OmniModel:
             release_freed_memory()  # the fp32 weights go before the graph's build copies the int8 ones
             llm.attach_decode_graph(threads=llm_threads)
         release_freed_memory()  # the fp32 state dict (and a quantized mode's fp32 copies) would else stay resident
-        model = cls(config, llm, tokenizer, whisper, codec, str(root), clip, whisper_window, probe)
+        model = cls(config, llm, tokenizer, whisper, codec, str(root), clip, whisper_window, probe, rows_probe)
         log.info(
             "loaded %s (%s, %s, %s, whisper window %s) in %.1f s",
             root, model.family, device, precision, whisper_window, time.perf_counter() - t0,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .llm import QUANTIZED
+from .llm import MANY_ROWS_MODES, QUANTIZED, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +57,30 @@ class ProbeResult:
         }
 
 
-def pick_precision(ms_per_step: dict[str, float], order: Sequence[str] = AUTO_CANDIDATES) -> tuple[str, str]:
-    """The fastest candidate, unless a more exact one (earlier in `order`) is within NEAR_TIE."""
-    timed = [p for p in order if p in ms_per_step]
+def _pick(ms: dict[str, float], order: Sequence[str]) -> tuple[str, str]:
+    """(choice, fastest): the fastest of `order`'s timed entries, unless an earlier (more
+    exact) one is within NEAR_TIE of it."""
+    timed = [p for p in order if p in ms]
     if not timed:
         raise ValueError("no candidate was timed")
-    fastest = min(timed, key=lambda p: ms_per_step[p])
-    for p in timed:  # most exact first
-        if ms_per_step[p] <= ms_per_step[fastest] * NEAR_TIE:
-            figures = ", ".join(f"{q} {ms_per_step[q]:.1f} ms" for q in timed)
-            if p == fastest:
-                return p, f"fastest on this host ({figures} per step's layer matmuls)"
-            return p, (
-                f"within {round((NEAR_TIE - 1) * 100)}% of the fastest ({fastest}) and more exact "
-                f"({figures} per step's layer matmuls)"
-            )
-    raise AssertionError("unreachable: the fastest is within its own tie")
+    fastest = min(timed, key=lambda p: ms[p])
+    return next(p for p in timed if ms[p] <= ms[fastest] * NEAR_TIE), fastest
+
+
+def _figures(ms: dict[str, float], order: Sequence[str]) -> str:
+    return ", ".join(f"{p} {ms[p]:.1f} ms" for p in order if p in ms)
+
+
+def pick_precision(ms_per_step: dict[str, float], order: Sequence[str] = AUTO_CANDIDATES) -> tuple[str, str]:
+    """The fastest candidate, unless a more exact one (earlier in `order`) is within NEAR_TIE."""
+    choice, fastest = _pick(ms_per_step, order)
+    figures = _figures(ms_per_step, order)
+    if choice == fastest:
+        return choice, f"fastest on this host ({figures} per step's layer matmuls)"
+    return choice, (
+        f"within {round((NEAR_TIE - 1) * 100)}% of the fastest ({fastest}) and more exact "
+        f"({figures} per step's layer matmuls)"
+    )
 
 
 def _layer_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -148,4 +156,87 @@ def probe_precisions(
     choice, reason = pick_precision(ms, list(candidates))
     result = ProbeResult(choice, reason, ms, torch.get_num_threads(), n_layers, time.perf_counter() - t0, done)
     log.info("dtype auto: %s, %s; probe took %.2f s on %d threads", choice, reason, result.seconds, result.threads)
+    return result
+
+
+# Many-row work, most exact first: how an int8 Linear runs a prefill (MANY_ROWS_MODES), and
+# the dtype of the encoders' (Whisper's, SNAC's) matmuls. bf16 rounds, so it must be faster.
+MANY_ROWS_ORDER = ("gemm-fp32", "kernel", "gemm-bf16")
+ENCODER_ORDER = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ManyRowsProbe:
+    many_rows: str  # how the quantized LLM's int8 Linears compute a prefill
+    encoder_dtype: str  # "float32" | "bfloat16": Whisper's and SNAC's matmuls
+    reason: str
+    ms: dict[str, float]  # one MLP matrix at `rows` rows, per mode; "float32"/"bfloat16": plain GEMMs
+    rows: int
+    threads: int
+    seconds: float
+    rounds: int
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "many_rows": self.many_rows,
+            "encoder_dtype": self.encoder_dtype,
+            "reason": self.reason,
+            "ms": self.ms,
+            "rows": self.rows,
+            "threads": self.threads,
+            "rounds": self.rounds,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@torch.inference_mode()
+def probe_many_rows(
+    cfg: ModelConfig, *, rows: int = 96, rounds: int = 3, budget_s: float = 1.0, seed: int = 0
+) -> ManyRowsProbe:
+    """Time the many-row work of the quantized modes on the calling thread: one MLP-shaped
+    matrix at a prefill's `rows`, as an int8 Linear in each of MANY_ROWS_MODES (dequantizing
+    included) and as plain fp32 and bf16 GEMMs (what the encoders would run). The flags do not
+    say which is fast: a bf16 GEMM was 5x slower than fp32 on an AVX2 host without native bf16,
+    2x faster on an AVX-512 one. Stops after `rounds` rounds or once `budget_s` has passed."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(cfg.intermediate_size, cfg.n_embd, generator=gen) * 0.02
+    layer = Int8Linear(w, None)
+    x = torch.randn(max(rows, Int8Linear.DEQUANTIZE_ROWS), cfg.n_embd, generator=gen)
+    x16, w16 = x.to(torch.bfloat16), w.to(torch.bfloat16)
+
+    def mode_run(mode: str) -> Callable[[], object]:
+        def run() -> object:
+            layer.many_rows = mode
+            return layer(x)
+
+        return run
+
+    runs: dict[str, Callable[[], object]] = {m: mode_run(m) for m in MANY_ROWS_MODES}
+    runs["float32"] = lambda: F.linear(x, w)
+    runs["bfloat16"] = lambda: F.linear(x16, w16)
+    for run in runs.values():
+        run()  # warm-up
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    done = 0
+    while done < rounds and (done == 0 or time.perf_counter() - t0 < budget_s):
+        for k, run in runs.items():
+            t = time.perf_counter()
+            run()
+            samples[k].append((time.perf_counter() - t) * 1000)
+        done += 1
+    ms = {k: round(statistics.median(v), 2) for k, v in samples.items()}
+    many_rows, _ = _pick(ms, MANY_ROWS_ORDER)
+    encoder, _ = _pick(ms, ENCODER_ORDER)
+    reason = (
+        f"one {cfg.intermediate_size}x{cfg.n_embd} matrix at {x.shape[0]} rows: "
+        f"{_figures(ms, MANY_ROWS_ORDER)}; plain GEMMs {_figures(ms, ENCODER_ORDER)}"
+    )
+    result = ManyRowsProbe(
+        many_rows, encoder, reason, ms, x.shape[0], torch.get_num_threads(), time.perf_counter() - t0, done
+    )
+    log.info(
+        "prefill int8 matmuls: %s, encoders %s (%s); probe took %.2f s",
+        many_rows, encoder, reason, result.seconds,
+    )  # fmt: skip
     return result

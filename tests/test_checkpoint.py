@@ -269,6 +269,39 @@ def test_auto_on_a_cpu_times_the_candidates_and_loads_its_choice(tiny_ckpt) -> N
     assert OmniModel.load(tiny_ckpt, dtype="float32", with_whisper=False, with_snac=False).auto_probe is None
 
 
+def test_quantized_load_times_its_prefill_and_encoder_kernels(tiny_ckpt) -> None:
+    """int8 loads run the many-row probe and use what it picked: the int8 Linears' prefill
+    mode and the encoders' dtype (bf16 only where it measured faster than fp32)."""
+    from model.llm import MANY_ROWS_MODES, Int8Linear
+    from model.omni import DTYPES
+    from model.probe import ENCODER_ORDER, MANY_ROWS_ORDER
+
+    assert set(MANY_ROWS_ORDER) == set(MANY_ROWS_MODES)
+    model = OmniModel.load(tiny_ckpt, dtype="int8", decode_graph=False)
+    probe = model.many_rows_probe
+    assert probe is not None and set(probe.ms) == set(MANY_ROWS_MODES) | set(ENCODER_ORDER)
+    assert all(ms > 0 for ms in probe.ms.values()) and probe.rounds >= 1 and probe.seconds < 5
+    assert probe.rows >= Int8Linear.DEQUANTIZE_ROWS  # it times the prefill path, not the kernel's few rows
+    assert all(m.many_rows == probe.many_rows for m in model.llm.modules() if isinstance(m, Int8Linear))
+    assert model.whisper is not None and model.codec is not None
+    assert model.whisper.encoder.conv1.weight.dtype == DTYPES[probe.encoder_dtype]
+    assert next(model.codec.snac.parameters()).dtype == DTYPES[probe.encoder_dtype]
+    assert f"{probe.many_rows} " in probe.reason and "plain GEMMs float32" in probe.reason
+    assert OmniModel.load(tiny_ckpt, dtype="float32", with_whisper=False, with_snac=False).many_rows_probe is None
+
+
+def test_many_rows_probe_prefers_the_exact_kernel_unless_another_is_clearly_faster() -> None:
+    from model.probe import ENCODER_ORDER, MANY_ROWS_ORDER, _pick
+
+    # the 2-core AVX2 EPYC: a bf16 GEMM 5x slower than fp32, the int8 kernel fastest per prefill
+    assert _pick({"float32": 27.7, "bfloat16": 122.3}, ENCODER_ORDER)[0] == "float32"
+    assert _pick({"gemm-fp32": 45.0, "kernel": 34.0, "gemm-bf16": 92.0}, MANY_ROWS_ORDER)[0] == "kernel"
+    # an AVX-512 host with native bf16: bf16 wins only when clearly faster
+    assert _pick({"float32": 10.0, "bfloat16": 5.0}, ENCODER_ORDER)[0] == "bfloat16"
+    assert _pick({"float32": 10.0, "bfloat16": 9.5}, ENCODER_ORDER)[0] == "float32"
+    assert _pick({"gemm-fp32": 10.0, "kernel": 9.8, "gemm-bf16": 9.3}, MANY_ROWS_ORDER)[0] == "gemm-fp32"
+
+
 # ---------------- transformers: public API only ----------------
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "model"

@@ -289,6 +289,52 @@ def test_int8_linear_splits_off_outlier_columns(monkeypatch: pytest.MonkeyPatch)
     assert float((gemm - gemv).norm() / gemv.norm()) < 0.005  # the same int8 weights, bf16 rounding apart
 
 
+def test_int8_linear_computes_a_prefill_in_each_many_rows_mode() -> None:
+    """Every mode of a prefill's many rows gives the same int8 weights' product, within its
+    rounding: fp32 dequantized weights on the unrounded input closest to the exact product."""
+    from model.llm import MANY_ROWS_MODES, Int8Linear
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g)
+    w[:, 7] *= 50  # an outlier column, kept out of the int8 matrix
+    bias = torch.randn(96, generator=g)
+    layer = Int8Linear(w, bias)
+    x = torch.randn(Int8Linear.DEQUANTIZE_ROWS + 3, 64, generator=g)
+    exact = x @ (layer.dequantized(torch.float32) + _outlier_matrix(layer)).T + bias  # the int8 weights' own product
+    errs = {}
+    for mode in MANY_ROWS_MODES:
+        layer.many_rows = mode
+        out = layer(x)
+        assert out.dtype == x.dtype and out.shape == exact.shape
+        errs[mode] = float((out - exact).norm() / exact.norm())
+    assert max(errs.values()) < 0.01, errs  # bf16 activations (and weights) at worst
+    assert errs["gemm-fp32"] < min(errs["kernel"], errs["gemm-bf16"]), errs  # only the outlier column rounds
+    # a decode step's few rows take the kernel whatever the mode
+    layer.many_rows = "gemm-fp32"
+    few = x[:2]
+    assert torch.equal(layer(few), torch.cat([layer(few[:1]), layer(few[1:])]))
+    assert layer.dequantized().dtype == torch.bfloat16
+
+
+def _outlier_matrix(layer) -> torch.Tensor:
+    full = torch.zeros(layer.out_features, layer.in_features)
+    full[:, layer.outlier_cols] = layer.outlier_weight.float()
+    return full
+
+
+def test_quantize_sets_how_every_int8_linear_runs_a_prefill(tiny_ckpt) -> None:
+    from model.llm import Int4Linear, Int8Linear
+
+    llm = OmniModel.load(tiny_ckpt, with_whisper=False, with_snac=False).llm
+    llm.quantize_("int4", many_rows="gemm-fp32")
+    int8s = [m for m in llm.modules() if isinstance(m, Int8Linear)]
+    assert int8s and all(m.many_rows == "gemm-fp32" for m in int8s)  # attention and the head's audio slices
+    assert all(m.many_rows == "kernel" for m in llm.modules() if isinstance(m, Int4Linear))
+    fresh = OmniModel.load(tiny_ckpt, with_whisper=False, with_snac=False).llm
+    with pytest.raises(ValueError, match="many_rows must be one of"):
+        fresh.quantize_("int8", many_rows="gemm-fp16")
+
+
 def test_ort_int8_linear_for_the_head_text_slice() -> None:
     """ONNX Runtime's MatMulNBits (int8 weights per 32 inputs, int8 activations per block)
     against fp32, with an outlier column kept in bf16 as in the torch kinds."""

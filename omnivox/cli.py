@@ -179,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "api_key": args.api_key,
         "max_sessions": args.max_sessions,
         "max_new_tokens": args.max_new_tokens,
+        "max_audio_lead_ms": args.max_audio_lead_ms,
         "allow_unauthenticated": args.allow_unauthenticated or None,
         "demo_tokens": args.demo_tokens or None,
         "ice_servers": args.ice_servers,
@@ -427,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-unauthenticated", action="store_true", help="allow a non-loopback bind without a key")
     sv.add_argument("--max-sessions", type=int, default=None, help="concurrent session slots (default 8)")
     sv.add_argument("--max-new-tokens", type=int, default=None, help="decode-step budget per answer")
+    sv.add_argument("--max-audio-lead-ms", type=float, default=None,
+                    help="how far an answer's generation may run ahead of its playback, in ms of audio sent "
+                         "(default 1000; OMNIVOX_MAX_AUDIO_LEAD_MS; a session may set its own)")  # fmt: skip
     sv.add_argument("--demo-tokens", action="store_true",
                     help="POST /v1/demo/client_secret mints short-lived client secrets with no auth (demos only; "
                          "OMNIVOX_DEMO_TOKENS)")  # fmt: skip

@@ -83,6 +83,7 @@ from .transport import MEDIA_INPUT_RATE, MediaAudio, Transport
 
 if TYPE_CHECKING:
     from .app import Engine
+    from .settings import ServerSettings
 
 log = logging.getLogger("omnivox.server")
 
@@ -141,8 +142,13 @@ class SessionFields:
     echo: Mapping[str, Any] = field(default_factory=_default_echo)
 
 
+def default_session_config(settings: ServerSettings) -> SessionConfig:
+    """A new session's config: the server's defaults, before any session.update."""
+    return SessionConfig(max_new_tokens=settings.max_new_tokens, max_audio_lead_ms=settings.max_audio_lead_ms)
+
+
 def initial_fields(engine: Engine) -> SessionFields:
-    return SessionFields(SessionConfig(max_new_tokens=engine.settings.max_new_tokens))
+    return SessionFields(default_session_config(engine.settings))
 
 
 def apply_session(fields: SessionFields, sess: SessionIn, event_id: str | None = None) -> SessionFields:
@@ -288,7 +294,7 @@ class Connection:
         self.model_name = engine.model.config.name
         self.demo = engine.demo
         self.session = Session(
-            SessionConfig(max_new_tokens=settings.max_new_tokens),
+            default_session_config(settings),
             takes_images=engine.model.takes_images,
             recognizer=engine.recognizer is not None,
             turn_model=engine.turn_model is not None,

@@ -49,6 +49,10 @@ class ServerSettings(BaseSettings):
     send_buffer_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     send_timeout_s: float = Field(10.0, gt=0)
     max_new_tokens: int | None = None
+    # How far (ms of audio sent) an answer's generation may run ahead of its playback, by default
+    # (a client's omnivox.max_audio_lead_ms overrides it per session): more rides out stalls,
+    # less wastes less generation on a barge-in and keeps a late "stop omni" cancelling.
+    max_audio_lead_ms: float = Field(1000.0, ge=100, le=60000)
     interrupt_detector: bool = True  # load the faster-whisper command detector
     turn_model: bool = True  # load the Smart Turn end-of-turn model that semantic_vad uses
     web_dir: Path | None = None  # default: clients/web of this checkout

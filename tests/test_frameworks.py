@@ -42,8 +42,11 @@ TEST_TIMEOUT = 75  # s, per test; each runs at real-time pace and takes ~20-40 s
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path) -> Iterator[Running]:
+    # A small audio lead keeps a barge-in's answer generating while it plays, on a slow host
+    # too (at the default 1 s a short answer can finish generating before "stop omni" is heard;
+    # then there is nothing to cancel, and these tests check the cancel).
     r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, max_sessions=4, dtype="float32",
-                                    log_level="warning"))  # fmt: skip
+                                    max_audio_lead_ms=100, log_level="warning"))  # fmt: skip
     yield r
     stop_server(r)
 

@@ -17,7 +17,9 @@ from .test_server import Running, start_server, stop_server
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path) -> Iterator[Running]:
-    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, api_key="k3y", log_level="warning"))
+    # a small audio lead: the barge-in test's answer is still generating when "stop omni" is heard
+    r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, api_key="k3y", max_audio_lead_ms=100,
+                                    log_level="warning"))  # fmt: skip
     yield r
     stop_server(r)
 

@@ -234,6 +234,7 @@ def test_binary_audio_mode(server: Running) -> None:
     upd = c.update(audio={"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}},
                    omnivox={"binary_audio": True})  # fmt: skip
     assert upd["session"]["omnivox"]["binary_audio"] is True
+    assert upd["session"]["omnivox"]["max_audio_lead_ms"] == 1000  # the server's default
     q = np.clip(np.round(fixture_audio("question") * 32768), -32768, 32767).astype("<i2").tobytes()
     c.ws.send(q)
     c.send({"type": "input_audio_buffer.commit"})
@@ -340,9 +341,12 @@ def test_response_in_progress(server: Running) -> None:
 
 def test_oversize_frame_closes_with_1009(tiny_ckpt: Path) -> None:
     r = start_server(ServerSettings(port=0, checkpoint_dir=tiny_ckpt, max_frame_bytes=64 * 1024,
-                                    interrupt_detector=False, log_level="warning"))  # fmt: skip
+                                    max_audio_lead_ms=250, interrupt_detector=False, log_level="warning"))  # fmt: skip
     try:
         c = open_client(r)
+        # the server's default audio lead is each new session's, until the client sets its own
+        assert c.update(omnivox={})["session"]["omnivox"]["max_audio_lead_ms"] == 250
+        assert c.update(omnivox={"max_audio_lead_ms": 600})["session"]["omnivox"]["max_audio_lead_ms"] == 600
         c.ws.send("x" * (65 * 1024))
         with pytest.raises(ConnectionClosed) as info:
             c.recv_until(lambda e: False, timeout=5)

@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +46,7 @@ class ProbeResult:
     rounds: int
 
     def as_json(self) -> dict[str, object]:
-        return {
-            "choice": self.choice,
-            "reason": self.reason,
-            "ms_per_step": self.ms_per_step,
-            "threads": self.threads,
-            "layers_timed": self.layers_timed,
-            "rounds": self.rounds,
-            "seconds": round(self.seconds, 3),
-        }
+        return {**asdict(self), "seconds": round(self.seconds, 3)}
 
 
 def _pick(ms: dict[str, float], order: Sequence[str]) -> tuple[str, str]:
@@ -177,16 +169,7 @@ class ManyRowsProbe:
     rounds: int
 
     def as_json(self) -> dict[str, object]:
-        return {
-            "many_rows": self.many_rows,
-            "encoder_dtype": self.encoder_dtype,
-            "reason": self.reason,
-            "ms": self.ms,
-            "rows": self.rows,
-            "threads": self.threads,
-            "rounds": self.rounds,
-            "seconds": round(self.seconds, 3),
-        }
+        return {**asdict(self), "seconds": round(self.seconds, 3)}
 
 
 @torch.inference_mode()

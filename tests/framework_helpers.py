@@ -389,6 +389,15 @@ def assert_wire_ok(tap: Tap, run: BargeIn) -> None:
     assert tap.transcript(run.first).strip(), f"first response has no transcript\n{tap.summary()}"
     done2 = tap.response_done(run.second)
     assert done2 is not None, tap.summary()
+    if done2["response"]["status"] == "completed":
+        # The answer had made all its audio before "stop omni" was heard (a short answer on a
+        # slow host): nothing to cancel, as with OpenAI; the barge-in must still be heard after it.
+        server = tap.server_events()
+        after = server[next(i for i, e in enumerate(server) if e is done2) :]
+        assert any(e["type"] == "input_audio_buffer.speech_started" for e in after), (
+            f"barge-in not heard after a completed answer\n{tap.summary()}"
+        )
+        return
     assert done2["response"]["status"] == "cancelled", f"barge-in did not cancel: {done2['response']}\n{tap.summary()}"
     assert (done2["response"].get("status_details") or {}).get("reason") == "turn_detected", tap.summary()
 

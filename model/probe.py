@@ -11,11 +11,12 @@ second in all), candidates taking turns so a noisy neighbour hits them alike.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,6 +76,25 @@ def pick_precision(ms_per_step: dict[str, float], order: Sequence[str] = AUTO_CA
     )
 
 
+def _time_in_turns(
+    runs: Mapping[str, Callable[[], object]], rounds: int, budget_s: float, t0: float
+) -> tuple[dict[str, float], int]:
+    """Each run once untimed (first-call allocations, kernel selection), then rounds in which
+    they take turns, so a noisy neighbour hits them alike, until `rounds` rounds or `budget_s`
+    since `t0` (at least one round) -> (median ms per run, rounds done)."""
+    for run in runs.values():
+        run()
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    done = 0
+    while done < rounds and (done == 0 or time.perf_counter() - t0 < budget_s):
+        for k, run in runs.items():
+            t = time.perf_counter()
+            run()
+            samples[k].append((time.perf_counter() - t) * 1000)
+        done += 1
+    return {k: statistics.median(v) for k, v in samples.items()}, done
+
+
 def _layer_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """(out, in) of one decoder layer's Linears, as model/llm.py holds them."""
     e, i, hs = cfg.n_embd, cfg.intermediate_size, cfg.head_size
@@ -129,22 +149,14 @@ def probe_precisions(
     n_layers = max(1, min(max_layers, cfg.n_layer, math.ceil(cache_bytes / per_layer)))
     gen = torch.Generator().manual_seed(seed)
     weights = [torch.randn(o, i, generator=gen) * 0.02 for _ in range(n_layers) for o, i in shapes]
-    runs = {p: _build(p, weights) for p in candidates}
+    builds = {p: _build(p, weights) for p in candidates}
     del weights
     x = {i: torch.randn(2, i, generator=gen) for i in {i for _, i in shapes}}
-    xs = {p: {i: v.to(torch.float32 if p == "float32" else torch.bfloat16) for i, v in x.items()} for p in candidates}
-    for p, run in runs.items():
-        run(xs[p])  # warm-up: first-call allocations and kernel selection
-    samples: dict[str, list[float]] = {p: [] for p in candidates}
-    done = 0
-    while done < rounds and (done == 0 or time.perf_counter() - t0 < budget_s):
-        for p, run in runs.items():
-            t = time.perf_counter()
-            run(xs[p])
-            samples[p].append((time.perf_counter() - t) * 1000)
-        done += 1
+    dtypes = {p: torch.float32 if p == "float32" else torch.bfloat16 for p in builds}
+    runs = {p: functools.partial(build, {i: v.to(dtypes[p]) for i, v in x.items()}) for p, build in builds.items()}
+    medians, done = _time_in_turns(runs, rounds, budget_s, t0)
     scale = cfg.n_layer / n_layers
-    ms = {p: round(statistics.median(s) * scale, 2) for p, s in samples.items()}
+    ms = {p: round(m * scale, 2) for p, m in medians.items()}
     choice, reason = pick_precision(ms, list(candidates))
     result = ProbeResult(choice, reason, ms, torch.get_num_threads(), n_layers, time.perf_counter() - t0, done)
     log.info("dtype auto: %s, %s; probe took %.2f s on %d threads", choice, reason, result.seconds, result.threads)
@@ -198,17 +210,8 @@ def probe_many_rows(
     runs: dict[str, Callable[[], object]] = {m: mode_run(m) for m in MANY_ROWS_MODES}
     runs["float32"] = lambda: F.linear(x, w)
     runs["bfloat16"] = lambda: F.linear(x16, w16)
-    for run in runs.values():
-        run()  # warm-up
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    done = 0
-    while done < rounds and (done == 0 or time.perf_counter() - t0 < budget_s):
-        for k, run in runs.items():
-            t = time.perf_counter()
-            run()
-            samples[k].append((time.perf_counter() - t) * 1000)
-        done += 1
-    ms = {k: round(statistics.median(v), 2) for k, v in samples.items()}
+    medians, done = _time_in_turns(runs, rounds, budget_s, t0)
+    ms = {k: round(m, 2) for k, m in medians.items()}
     many_rows, _ = _pick(ms, MANY_ROWS_ORDER)
     encoder, _ = _pick(ms, ENCODER_ORDER)
     reason = (

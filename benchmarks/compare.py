@@ -103,9 +103,11 @@ def bench_compare(
         "ours_int8": copy.deepcopy(model.llm).quantize_("int8"),
         "ours_int8_graph": copy.deepcopy(model.llm).quantize_("int8"),  # the same weights, steps in ORT
         "ours_int4": copy.deepcopy(model.llm).quantize_("int4"),
+        "ours_int4_graph": copy.deepcopy(model.llm).quantize_("int4"),
     }
 
     approximate["ours_int8_graph"].attach_decode_graph()
+    approximate["ours_int4_graph"].attach_decode_graph()
     naive_tokens, naive_rate = _naive(model, prompt, steps)
     fp32_tokens, fp32_rate = _ours(model, model.llm, prompt, steps)
     cases = [(prompt, fp32_tokens)] + [(p, _ours(model, model.llm, p, steps)[0]) for p in prompts[1:]]

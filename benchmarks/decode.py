@@ -77,7 +77,7 @@ def bench_decode(
     features = [torch.randn(prompt_frames, model.config.whisper_adapter_dim, generator=gen) for _ in range(responses)]
     prompts = [build_prompt(task, model.layout, audio_features=f) for f in features]
 
-    # int8 with the decode graph: its steps and torch's side by side, rounds interleaved; with
+    # int8/int4 with the decode graph: its steps and torch's side by side, rounds interleaved; with
     # several responses also a graph call each (graph-each) against one for all (graph).
     graph = model.llm.decode_graph
     paths: dict[str, Any] = {"torch": None}

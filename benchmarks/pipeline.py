@@ -102,8 +102,8 @@ def _decode_paths(model: OmniModel, names: tuple[str, ...]) -> dict[str, DecodeG
     for name in names:
         if name not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {name!r} ({', '.join(DECODE_PATHS)})")
-        if name.startswith("graph") and model.llm.quantized != "int8":
-            raise ValueError(f"decode path {name} needs --dtype int8, got {model.precision}")
+        if name.startswith("graph") and not model.llm.takes_decode_graph:
+            raise ValueError(f"decode path {name} needs --dtype int8 or int4 on a CPU, got {model.precision}")
         if name == "default":
             out[name] = default
         elif name == "torch":
@@ -133,7 +133,7 @@ def bench_pipeline(
     """`stage_threads`: StageThreads specs timed side by side ("" = the defaults), one runner
     each on the same model. `max_audio_lead_ms`: how far an answer may run ahead of its
     listener (the server's is 1000; unbounded by default, the throughput figure). `decode_paths`:
-    default, torch, graph (int8: model.decode_graph), graph-each (a graph call per response, as before
+    default, torch, graph (int8/int4: model.decode_graph), graph-each (a graph call per response, as before
     the KVArena), graph-spin (its ORT workers spinning)."""
     model = OmniModel.load(checkpoint, dtype=dtype)
     graphs = _decode_paths(model, decode_paths)

@@ -1,5 +1,5 @@
-"""The int8 decode step as one ONNX Runtime graph: every decoder layer of one position, the KV
-cache read and written in place.
+"""The quantized (int8, int4) decode step as one ONNX Runtime graph: every decoder layer of one
+position, the KV cache read and written in place.
 
 Why: at 2 rows a decode step is a chain of small matmuls that only read weights. Torch's int8
 weight-only kernel reads them at ~10 GB/s here, ORT's MatMulNBits (int8 activations per block
@@ -8,8 +8,10 @@ ORT's threads and torch's OpenMP workers ate the gain (README, Weight-only kerne
 graph, the step runs in ORT from the embeddings to the final norm: 24 layers in one call.
 
 Same weights as the torch path: each matrix is the `Int8Linear`'s own int8 rows, its row scale
-repeated over MatMulNBits' blocks; the outlier columns, the q/k/v bias and the norms are the
-same tensors too. So the two paths differ only in arithmetic (int8 vs bf16 activations), and a
+repeated over MatMulNBits' blocks, or the `Int4Linear`'s own 4-bit groups with their scales and
+integer zero points (int4 mode's MLPs); the outlier columns, the q/k/v bias and the norms are
+the same tensors too. So the two paths differ only in arithmetic (int8 vs bf16 activations; in
+int4 also torch's kernel's offsets, rounded to bf16), and a
 prefill (torch, a dequantized GEMM) and the steps after it (this graph) use one model.
 
 The cache: `KVCache` holds fp32 keys and values when the graph is on (GroupQueryAttention runs
@@ -30,7 +32,7 @@ import torch
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 from torch import nn
 
-from .llm import Int8Linear, KVArena, rope_tables
+from .llm import Int4Linear, Int8Linear, KVArena, rope_tables
 
 if TYPE_CHECKING:
     from .llm import CacheRows, KVCache, OmniLM
@@ -70,24 +72,44 @@ class _GraphBuilder:
         return self.node("SimplifiedLayerNormalization", [x, scale], axis=-1, epsilon=eps)[0]
 
     def linear(self, x: str, modules: Sequence[nn.Module]) -> str:
-        """x @ W^T (+ b) for the Int8Linears `modules` stacked by output rows (one fused matmul)."""
-        parts: list[Int8Linear] = []
+        """x @ W^T (+ b) for the quantized Linears `modules`, all of one kind (Int8Linear or
+        Int4Linear), stacked by output rows (one fused matmul)."""
+        parts: list[Int8Linear | Int4Linear] = []
         for module in modules:
-            if not isinstance(module, Int8Linear):
-                raise TypeError("the decode graph takes the int8 model's Int8Linear layers")
+            if not isinstance(module, Int8Linear | Int4Linear) or type(module) is not type(modules[0]):
+                raise TypeError("the decode graph fuses Int8Linear or Int4Linear layers, one kind a matmul")
             parts.append(module)
         k = parts[0].in_features
         if k % BLOCK:
             raise ValueError(f"MatMulNBits needs in_features % {BLOCK} == 0, got {k}")
-        q = torch.cat([p.weight_int8 for p in parts])  # (N, K) int8
-        n = q.shape[0]
-        row_scales = torch.cat([p.scales for p in parts]).float()
-        # MatMulNBits' layout: B (N, K / block, block) uint8 around the zero point 128.
-        packed = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n, k // BLOCK, BLOCK)
-        scales = row_scales[:, None].expand(n, k // BLOCK).reshape(-1)
+        n = sum(p.out_features for p in parts)
+        blocks = k // BLOCK
+        if isinstance(parts[0], Int4Linear):
+            if Int4Linear.GROUP != BLOCK:
+                raise ValueError(f"the graph's 4-bit blocks are {BLOCK} inputs, Int4Linear's groups {Int4Linear.GROUP}")
+            # Int4Linear's own form: two weights a byte (even input low), a scale and an integer
+            # zero point per group of 32 (= BLOCK), zero points packed two a byte per row.
+            int4s = [p for p in parts if isinstance(p, Int4Linear)]
+            packed = torch.cat([p.weight_u4 for p in int4s]).reshape(n, blocks, BLOCK // 2)
+            scales = torch.cat([p.group_scales for p in int4s]).float().reshape(-1)
+            zeros = torch.cat([p.zeros for p in int4s])
+            if blocks % 2:
+                zeros = torch.cat([zeros, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+            zero_points = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).reshape(-1)
+            inputs = [x, self.const(packed.numpy(), "w"), self.const(scales.numpy(), "scale")]
+            inputs.append(self.const(zero_points.numpy(), "zero"))
+            bits = 4
+        else:
+            q = torch.cat([p.weight_int8 for p in parts if isinstance(p, Int8Linear)])  # (N, K) int8
+            row_scales = torch.cat([p.scales for p in parts if isinstance(p, Int8Linear)]).float()
+            # MatMulNBits' layout: B (N, K / block, block) uint8 around the zero point 128.
+            packed = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n, blocks, BLOCK)
+            scales = row_scales[:, None].expand(n, blocks).reshape(-1)
+            inputs = [x, self.const(packed.numpy(), "w"), self.const(scales.numpy(), "scale")]
+            bits = 8
         y = self.node(
-            "MatMulNBits", [x, self.const(packed.numpy(), "w"), self.const(scales.numpy(), "scale")],
-            domain="com.microsoft", K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=self.accuracy_level,
+            "MatMulNBits", inputs, domain="com.microsoft",
+            K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=self.accuracy_level,
         )[0]  # fmt: skip
         cols = torch.cat([p.outlier_cols for p in parts]).unique()  # sorted
         if cols.numel():
@@ -159,7 +181,7 @@ def build_step_model(llm: OmniLM, accuracy_level: int = 4) -> bytes:
 
 
 class DecodeGraph:
-    """One ORT session holding the int8 model's decode step; `step` runs one response's rows."""
+    """One ORT session holding the quantized model's decode step; `step` runs one response's rows."""
 
     def __init__(
         self, llm: OmniLM, threads: int | None = None, spinning: bool = False, accuracy_level: int = 4

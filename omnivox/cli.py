@@ -39,8 +39,8 @@ PREFILL_CHUNK_HELP = (
     "steps in between, so a long prompt cannot stall them (0: at once; default 64)"
 )
 DECODE_GRAPH_HELP = (
-    "int8 on a CPU: run the decode steps as one ONNX Runtime graph of the same weights (~1.5x the torch step; "
-    "default on)"
+    "int8 and int4 on a CPU: run the decode steps as one ONNX Runtime graph of the same weights (~1.5x the "
+    "torch step; default on)"
 )
 DEMO_WARNING = "no checkpoint given: using the embedded demo checkpoint (random weights, it speaks noise)"
 

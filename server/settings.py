@@ -40,7 +40,7 @@ class ServerSettings(BaseSettings):
     # While answers are being decoded, a new prompt is prefilled in parts of at most this many
     # positions with their steps in between (0: at once, holding them for the whole prefill).
     prefill_chunk: int = Field(64, ge=0)
-    # int8 on a CPU: decode steps as one ONNX Runtime graph of the same weights (model.decode_graph).
+    # int8/int4 on a CPU: decode steps as one ONNX Runtime graph of the same weights (model.decode_graph).
     decode_graph: bool = True
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     # A client this far behind (events or bytes queued for it), or that takes nothing for

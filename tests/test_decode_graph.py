@@ -1,4 +1,4 @@
-"""The int8 decode step as one ONNX Runtime graph (model.decode_graph)."""
+"""The quantized (int8, int4) decode step as one ONNX Runtime graph (model.decode_graph)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from model.decoding import SamplingConfig, step_batch
-from model.llm import Int8Linear, KVArena, KVCache, OmniLM
+from model.llm import Int4Linear, Int8Linear, KVArena, KVCache, OmniLM
 from model.omni import OmniModel
 from model.prompts import Task, build_prompt
 
@@ -19,15 +19,21 @@ def int8_model(tiny_ckpt) -> OmniModel:
     return OmniModel.load(tiny_ckpt, dtype="int8", with_whisper=False, with_snac=False)
 
 
+@pytest.fixture(scope="module")
+def int4_model(tiny_ckpt) -> OmniModel:
+    return OmniModel.load(tiny_ckpt, dtype="int4", with_whisper=False, with_snac=False)
+
+
 def _dequantized_fp32(llm: OmniLM) -> OmniLM:
-    """The int8 model's own weights (int8 rows times scales, outlier columns, bf16 biases and
-    norms) in an fp32 model without the graph: what the graph computes, in exact arithmetic."""
+    """The quantized model's own weights (int8 rows times scales, or 4-bit groups with their
+    zero points and scales; outlier columns, bf16 biases and norms) in an fp32 model without
+    the graph: what the graph computes, in exact arithmetic."""
     ref = copy.deepcopy(llm.backbone)
     for layer in ref.decoder_layers():
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, Int8Linear):
-                    w = child.weight_int8.float() * child.scales.float()[:, None]  # not rounded to bf16
+                if isinstance(child, Int8Linear | Int4Linear):
+                    w = child.dequantized(torch.float32)  # not rounded to bf16
                     w[:, child.outlier_cols] = child.outlier_weight.float()
                     lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                     lin.weight.data = w
@@ -46,15 +52,18 @@ def _prefilled(llm: OmniLM, rows: int = 2, length: int = 12):
     return cache
 
 
-def test_graph_step_is_the_int8_models_forward(tiny_ckpt) -> None:
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_graph_step_is_the_quantized_models_forward(tiny_ckpt, precision: str) -> None:
     """With fp32 activations (accuracy level 0) the graph equals the torch forward over the
     same dequantized weights, hidden states and the KV it writes in place: the fused q/k/v and
-    gate/up, the outlier columns, biases, norms, RoPE and the cached prefix all wired right."""
+    gate/up (int8 rows, or int4's packed groups and zero points), the outlier columns, biases,
+    norms, RoPE and the cached prefix all wired right."""
     llm = OmniModel.load(tiny_ckpt, dtype="float32", with_whisper=False, with_snac=False).llm
     first, second = llm.backbone.decoder_layers()
     with torch.no_grad():  # an outlier column in an MLP too
         first.mlp.down_proj.weight[:, 5] *= 20
-    llm.quantize_("int8")
+    llm.quantize_(precision)
+    assert isinstance(first.mlp.down_proj, Int4Linear if precision == "int4" else Int8Linear)
     # Fused q/k/v whose parts keep different columns out (the tiny checkpoint's own weights).
     attn = second.self_attn
     assert [p.outlier_cols.tolist() for p in (attn.q_proj, attn.k_proj, attn.v_proj)] == [[], [1], [3]]
@@ -72,10 +81,13 @@ def test_graph_step_is_the_int8_models_forward(tiny_ckpt) -> None:
         assert float((b[..., :stop, :] - a[..., :stop, :]).norm() / a[..., :stop, :].norm()) < 1e-4
 
 
-def test_graph_with_int8_activations_stays_near_the_torch_step(int8_model: OmniModel) -> None:
-    """The default (int8 activations per block of 32, VNNI) against torch's int8 kernel on the
-    same weights (bf16 activations): two roundings of one model."""
-    llm = int8_model.llm
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_graph_with_int8_activations_stays_near_the_torch_step(
+    precision: str, int8_model: OmniModel, int4_model: OmniModel
+) -> None:
+    """The default (int8 activations per block of 32, VNNI) against torch's int8 (int4)
+    kernels on the same weights (bf16 activations): two roundings of one model."""
+    llm = (int8_model if precision == "int8" else int4_model).llm
     graph = llm.decode_graph
     assert graph is not None
     try:
@@ -89,14 +101,14 @@ def test_graph_with_int8_activations_stays_near_the_torch_step(int8_model: OmniM
     assert float((hs[1] - hs[0]).norm() / hs[0].norm()) < 0.05  # measured 1.1-1.7% on the tiny model
 
 
-def test_load_attaches_the_graph_for_int8_on_cpu_only(tiny_ckpt, int8_model: OmniModel) -> None:
-    assert int8_model.llm.decode_graph is not None
-    plain = OmniModel.load(tiny_ckpt, dtype="int8", with_whisper=False, with_snac=False, decode_graph=False)
+def test_load_attaches_the_graph_to_the_quantized_modes_on_cpu_only(
+    tiny_ckpt, int8_model: OmniModel, int4_model: OmniModel
+) -> None:
+    assert int8_model.llm.decode_graph is not None and int4_model.llm.decode_graph is not None
+    plain = OmniModel.load(tiny_ckpt, dtype="int4", with_whisper=False, with_snac=False, decode_graph=False)
     assert plain.llm.decode_graph is None
-    int4 = OmniModel.load(tiny_ckpt, dtype="int4", with_whisper=False, with_snac=False)
-    assert int4.llm.decode_graph is None
     fp32 = OmniModel.load(tiny_ckpt, dtype="float32", with_whisper=False, with_snac=False)
-    with pytest.raises(ValueError, match="int8 model on a CPU"):
+    with pytest.raises(ValueError, match=r"quantized \(int8 or int4\) model on a CPU"):
         fp32.llm.attach_decode_graph()
 
 

@@ -8,13 +8,14 @@ codes[2] = [l2, l3, l5, l6] (l_i = de-delayed layer i at frame f).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from snac import SNAC
-from snac.layers import NoiseBlock
+from snac.layers import NoiseBlock, Snake1d
 from torch.nn.utils import parametrize
 
 from .errors import CheckpointError
@@ -98,6 +99,8 @@ class SnacCodec:
             if parametrize.is_parametrized(module, "weight"):
                 # Bake weight norm into plain weights once: same values, less work per decode.
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            if isinstance(module, Snake1d):
+                module.forward = functools.partial(_snake, module.alpha)
         self.set_noise(noise)
 
     def set_noise(self, enabled: bool) -> None:
@@ -166,3 +169,13 @@ class SnacCodec:
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _snake(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """SNAC's activation x + sin(alpha x)^2 / (alpha + 1e-9), the same operations in the same
+    order as snac.layers.snake (bit-identical, tested) but in place on one temporary instead
+    of five: 22 -> 10 ms on a 64 x 28672 activation, a 14-frame fp32 window 686 -> 658 ms on
+    one core of a 2-core AVX2 EPYC (README, Streaming engine)."""
+    t = x * alpha
+    t.sin_().square_().mul_((alpha + 1e-9).reciprocal())
+    return t.add_(x)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from model.codec import (
     SnacCodec,
+    _snake,
     codes_to_frames,
     dedelay,
     delay,
@@ -77,6 +78,25 @@ def test_snac_decode_is_deterministic_with_noise_off(codec: SnacCodec) -> None:
     finally:
         codec.set_noise(False)
     assert np.array_equal(codec.decode(frames), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snac_decode_equals_the_snac_packages_own_forward(tiny_ckpt, dtype: torch.dtype) -> None:
+    """Our in-place Snake activation is SNAC's bit for bit, in fp32 and bf16: the whole decode
+    equals the package's, and so does the activation on its own."""
+    from snac.layers import Snake1d, snake
+
+    ours, theirs = SnacCodec.from_dir(tiny_ckpt / "snac").cast_(dtype), SnacCodec.from_dir(tiny_ckpt / "snac")
+    theirs.cast_(dtype)
+    snakes = [m for m in theirs.snac.modules() if isinstance(m, Snake1d)]
+    assert snakes and all("forward" in m.__dict__ for m in snakes)  # ours replaced them
+    for m in snakes:
+        del m.forward  # back to the package's
+    frames = torch.randint(0, 4096, (9, 7), generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(ours.decode(frames), theirs.decode(frames))
+    g = torch.Generator().manual_seed(4)
+    x, alpha = torch.randn(2, 8, 300, generator=g).to(dtype), (torch.rand(1, 8, 1, generator=g) + 0.2).to(dtype)
+    assert torch.equal(_snake(alpha, x), snake(x, alpha))
 
 
 def test_snac_loads_legacy_weight_norm_names(tiny_ckpt) -> None:

@@ -149,14 +149,17 @@ def _count_calls(graph, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_responses_stepped_together_get_their_solo_tokens_from_one_call(
-    int8_model: OmniModel, monkeypatch: pytest.MonkeyPatch
+    precision: str, int8_model: OmniModel, int4_model: OmniModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every row is computed on its own in the graph, so one call for two responses gives each
-    the tokens it gets alone (a batched torch step would round them differently)."""
-    prompts = [_prompt(int8_model, 20), _prompt(int8_model, 27, seed=2)]
-    alone, together = _solo_and_fresh(int8_model, prompts, [12, 12], seed=3)
-    graph = int8_model.llm.decode_graph
+    """Every row is computed on its own in the graph (4-bit MatMulNBits too), so one call for
+    two responses gives each the tokens it gets alone (a batched torch step would round them
+    differently)."""
+    model = int8_model if precision == "int8" else int4_model
+    prompts = [_prompt(model, 20), _prompt(model, 27, seed=2)]
+    alone, together = _solo_and_fresh(model, prompts, [12, 12], seed=3)
+    graph = model.llm.decode_graph
     assert graph is not None
     calls = _count_calls(graph, monkeypatch)
     _step_to_end(together)

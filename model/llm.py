@@ -432,8 +432,9 @@ class Int4Linear(QuantLinear):
     Few rows (a decode step without the graph, a short prefill) go through torch's CPU int4
     kernel (torch._weight_int4pack_mm_for_cpu, gpt-fast's), whose form is (u - 8) * scale +
     offset in bf16: offset = (8 - zero) * scale rounded to bf16, a rounding of the weights
-    below 2^-9 of a group's offset. Many rows dequantize `weight_u4` (exact) as `many_rows`
-    says, like the int8 Linears."""
+    below 2^-9 of a group's offset. A prefill's many rows take that kernel too (`many_rows`
+    "kernel"): on the 2-core AVX2 EPYC it ran 96 rows of a 4864 x 896 matrix in 28.9 ms
+    against 30.6 for the exact dequantized fp32 GEMM (`dequantized`)."""
 
     GROUP = 32
     REFITS = 3

@@ -188,8 +188,10 @@ def bench_latency(
                 continue
             # -- barge-in (once per run): a new answer, then "stop omni" while it plays
             # An answer long enough to still be playing when the command has been spoken and
-            # recognized, on a slow host too (30 tokens is 2 s of audio: over before "stop omni").
-            barge_cfg = cfg.replace(max_audio_lead_ms=1000, max_new_tokens=max(max_new_tokens, BARGE_IN_TOKENS))
+            # recognized, on a slow host too (30 tokens is 2 s of audio: over before "stop omni";
+            # random weights end answers within ~20 steps unless the stop rules are off).
+            barge_cfg = cfg.replace(max_audio_lead_ms=1000, max_new_tokens=max(max_new_tokens, BARGE_IN_TOKENS),
+                                    stop_rules=False)  # fmt: skip
             s2 = LocalSession(runner, vad, recognizer, barge_cfg)
             ev2: list[tuple[float, Event]] = []
             _speak(s2, np.concatenate([silence, question, np.zeros(int(0.7 * 16000), np.float32)]), ev2)

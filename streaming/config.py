@@ -162,6 +162,10 @@ class SessionConfig:
     max_audio_lead_ms: float = 1000.0
     transcribe_input: bool = False  # user-turn transcripts through the command detector's ASR
     max_new_tokens: int | None = None
+    # False: answers run their whole token budget, past the model's end-of-audio and
+    # end-of-text. For benchmarks only (not on the wire): random weights end answers within
+    # ~20 steps, too soon to measure a barge-in on a slow host.
+    stop_rules: bool = True
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_image_bytes: int = MAX_IMAGE_BYTES  # encoded size of a user image
     max_image_pixels: int = MAX_IMAGE_PIXELS  # decoded width x height

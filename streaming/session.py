@@ -574,6 +574,7 @@ class Session:
             lookahead_frames=cfg.lookahead_frames,
             first_lookahead_frames=cfg.first_chunk_lookahead_frames,
             max_audio_lead_ms=cfg.max_audio_lead_ms,
+            stop_rules=cfg.stop_rules,
         )
 
     # ---------------- speculation ----------------

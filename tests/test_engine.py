@@ -85,6 +85,16 @@ def test_session_is_a_deterministic_state_machine() -> None:
     assert s.response is None and not s.speaking_at(11.2)
 
 
+def test_stop_rules_reach_the_runners_request() -> None:
+    """A benchmark's session may run answers to their whole budget (random weights end them
+    early); the default keeps the model's end-of-audio and end-of-text."""
+    for rules in (True, False):
+        s = Session(SessionConfig(turn_detection=None, stop_rules=rules))
+        s.add_text("hi", now=0.0, create_response=True)
+        assert started(s).request.stop_rules is rules
+    assert SessionConfig().stop_rules
+
+
 def test_a_response_asked_for_while_one_is_being_cancelled_starts_after_its_end() -> None:
     s = Session(SessionConfig(turn_detection=None))
     s.add_text("one", now=0.0, create_response=True)

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,20 @@ def resolve_checkpoint_arg(args: argparse.Namespace) -> str:
         return str(args.checkpoint)
     log.warning(DEMO_WARNING)
     return str(demo_checkpoint())
+
+
+def int_list(off: str | None = None) -> Callable[[str], tuple[int | None, ...]]:
+    """An argparse type: comma-separated integers (and `off`, read as None), refused with a
+    clear message rather than a traceback."""
+
+    def parse(value: str) -> tuple[int | None, ...]:
+        try:
+            return tuple(None if off is not None and v.strip() == off else int(v) for v in value.split(","))
+        except ValueError:
+            also = f" or {off!r}" if off is not None else ""
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers{also}, got {value!r}") from None
+
+    return parse
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -278,8 +293,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         turn_detection=tuple(args.turn_detection.split(",")),
-        first_chunk_lookahead=tuple(None if v == "exact" else int(v) for v in args.first_chunk_lookahead.split(",")),
-        speculate=tuple(None if v == "off" else int(v) for v in args.speculate.split(",")),
+        first_chunk_lookahead=args.first_chunk_lookahead,
+        speculate=args.speculate,
         decode_graph=args.decode_graph,
     )
     print_latency(result)
@@ -292,7 +307,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
-    levels = tuple(int(x) for x in args.sessions.split(","))
+    levels = args.sessions
     result = bench_serve(ckpt, question, levels=levels, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                          url=args.url)  # fmt: skip
     print(f"largest real-time concurrency: {result['max_real_time_sessions']} sessions")
@@ -344,12 +359,12 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
     ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
-    levels = tuple(int(x) for x in args.sessions.split(","))
+    levels = args.sessions
     result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=levels,
                             max_chunk_frames=args.max_chunk_frames, stagger_ms=args.stagger_ms,
                             max_audio_lead_ms=args.max_audio_lead_ms,
                             stage_threads=tuple(args.stage_threads.split(";")),
-                            prefill_chunks=tuple(int(x) for x in args.prefill_chunk.split(",")),
+                            prefill_chunks=args.prefill_chunk,
                             decode_paths=tuple(args.decode_path.split(",")))  # fmt: skip
     _save_json(args.json, result)
     return 0
@@ -358,7 +373,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from benchmarks.kernels import bench_kernels, print_table
 
-    rows = tuple(int(x) for x in args.rows.split(","))
+    rows = args.rows
     names = tuple(args.candidates.split(",")) if args.candidates else None
     result = bench_kernels(rows=rows, repeats=args.repeats, candidates=names)
     print_table(result)
@@ -474,10 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--command-wav", type=Path, help="the barge-in command (default: 'stop omni' fixture)")
     bl.add_argument("--turn-detection", default="server_vad,semantic_vad",
                     help="turn detection modes to time side by side (comma-separated)")  # fmt: skip
-    bl.add_argument("--first-chunk-lookahead", default="exact",
+    bl.add_argument("--first-chunk-lookahead", default="exact", type=int_list("exact"),
                     help="start modes side by side: 'exact' (3 frames) and/or 0-2 (opt-in fast start), "
                          "comma-separated")  # fmt: skip
-    bl.add_argument("--speculate", default="off,160",
+    bl.add_argument("--speculate", default="off,160", type=int_list("off"),
                     help="speculative encode + prefill side by side: 'off' and/or the ms of silence after "
                          "which it starts (comma-separated)")  # fmt: skip
     bl.add_argument("--transport", default=None,
@@ -498,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="N concurrent scripted clients: ttfa p50/p95, stalls, RSS")
     _add_checkpoint_args(bs)
     bs.add_argument("--size", choices=["tiny", "full"], default="tiny", help="random checkpoint when none is given")
-    bs.add_argument("--sessions", default="1,2,4,8", help="comma-separated concurrency levels (bounded)")
+    bs.add_argument("--sessions", default="1,2,4,8", type=int_list(),
+                    help="comma-separated concurrency levels (bounded)")  # fmt: skip
     bs.add_argument("--max-new-tokens", type=int, default=300, help="bound each answer (steps)")
     bs.add_argument("--url", help="a running server's ws://.../v1/realtime (default: start one in-process)")
     bs.add_argument("--question-wav", type=Path, help="what the clients say (default: the test fixture)")
@@ -534,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--size", choices=["tiny", "full"], default="full", help="random checkpoint when none is given")
     bp.add_argument("--dtype", default="auto", choices=list(PRECISIONS), help=DTYPE_HELP + " (default %(default)s)")
     bp.add_argument("--steps", type=int, default=120)
-    bp.add_argument("--sessions", default="1,2")
+    bp.add_argument("--sessions", default="1,2", type=int_list())
     bp.add_argument("--max-chunk-frames", type=int, default=8)
     bp.add_argument("--stagger-ms", type=float, default=None,
                     help="start each next answer this long after the previous one's first audio (a new turn "
@@ -552,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bp.add_argument("--question-wav", type=Path, help="every answer's question (default: the test fixture; a long "
                     "one shows what a long prefill does to the answers playing)")  # fmt: skip
-    bp.add_argument("--prefill-chunk", default="64", help="prefill_chunk values side by side, comma-separated: "
+    bp.add_argument("--prefill-chunk", default="64", type=int_list(),
+                    help="prefill_chunk values side by side, comma-separated: "
                     + PREFILL_CHUNK_HELP)  # fmt: skip
     bp.add_argument("--decode-path", default="default",
                     help="decode paths side by side, comma-separated: default (what the precision runs), torch, "
@@ -581,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", type=Path, help="save the result here")
     be.set_defaults(func=cmd_bench_encode)
     bk = bsub.add_parser("kernels", help="weight-only quantized matmul kernels on decode-step shapes, side by side")
-    bk.add_argument("--rows", default="1,2", help="activation rows (the decode batch), comma-separated")
+    bk.add_argument("--rows", default="1,2", type=int_list(),
+                    help="activation rows (the decode batch), comma-separated")  # fmt: skip
     bk.add_argument("--repeats", type=int, default=7)
     bk.add_argument("--candidates", default=None, help="comma-separated kernel names (default: all but opt-in ones)")
     bk.add_argument("--json", type=Path, help="save the result here")

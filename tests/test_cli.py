@@ -138,6 +138,22 @@ def test_bench_decode_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert doc["auto"]["choice"] in doc["auto"]["ms_per_step"] and doc["auto"]["reason"]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["latency", "--speculate", "none"], "--speculate: expected comma-separated integers or 'off', got 'none'"),
+        (["latency", "--first-chunk-lookahead", "0,x"], "or 'exact', got '0,x'"),
+        (["pipeline", "--sessions", "1,two"], "argument --sessions: expected comma-separated integers, got '1,two'"),
+        (["kernels", "--rows", ""], "argument --rows: expected comma-separated integers, got ''"),
+    ],
+)
+def test_bench_number_lists_are_refused_with_a_clear_message(args: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args])
+    assert exit_info.value.code == 2  # argparse's usage error, not a traceback
+    assert message in capsys.readouterr().err
+
+
 def test_bench_latency_writes_json(tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "lat.json"
     assert main(["bench", "latency", "--checkpoint-dir", str(tiny_ckpt), "--runs", "1", "--max-new-tokens", "30",

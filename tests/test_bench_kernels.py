@@ -58,4 +58,4 @@ def test_agreement_with_fp32(result: dict) -> None:
 
 def test_cli_wiring() -> None:
     args = build_parser().parse_args(["bench", "kernels", "--rows", "1", "--repeats", "3", "--json", "x.json"])
-    assert args.rows == "1" and args.repeats == 3 and args.func.__name__ == "cmd_bench_kernels"
+    assert args.rows == (1,) and args.repeats == 3 and args.func.__name__ == "cmd_bench_kernels"

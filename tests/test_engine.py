@@ -690,7 +690,7 @@ def test_prefill_chunk_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = build_parser()
     assert parser.parse_args(["serve", "--prefill-chunk", "32"]).prefill_chunk == 32
     assert parser.parse_args(["serve"]).prefill_chunk is None  # then the environment / default decides
-    assert parser.parse_args(["bench", "pipeline", "--prefill-chunk", "0,64"]).prefill_chunk == "0,64"
+    assert parser.parse_args(["bench", "pipeline", "--prefill-chunk", "0,64"]).prefill_chunk == (0, 64)
 
 
 def test_bench_pipeline_runs_each_prefill_chunk_with_a_listener_bound(tiny_ckpt: Path) -> None:

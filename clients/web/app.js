@@ -19,7 +19,7 @@ const $ = (id) => document.getElementById(id);
 const stats = (window.omnivoxStats = {
   state: "idle", sessionCreated: false, demo: null, speechStarted: 0, responses: 0, audioDeltas: 0,
   scheduledSamples: 0, playedSamples: 0, interrupts: 0, cancelled: 0, lastTtfaMs: null, ttfas: [], errors: [],
-  imagesAccepted: null, imagesSent: 0, tasks: [], sessionUpdates: 0,
+  imagesAccepted: null, imagesSent: 0, tasks: [], statuses: [], sessionUpdates: 0,
   turnDetection: null, // audio.input.turn_detection as the server last reported it (session.created/updated)
   transport: null, // "webrtc" or "websocket", once connected
   credential: null, // where the secret came from: "demo", "settings" or "none"
@@ -466,6 +466,7 @@ function onEvent(ev) {
       const r = ev.response;
       responseActive = false;
       if (r.omnivox && r.omnivox.task) stats.tasks.push(r.omnivox.task);
+      stats.statuses.push(r.status);
       if (r.status === "cancelled") {
         stats.cancelled += 1;
         stopPlayback("cancelled");

@@ -74,39 +74,37 @@ class _GraphBuilder:
     def linear(self, x: str, modules: Sequence[nn.Module]) -> str:
         """x @ W^T (+ b) for the quantized Linears `modules`, all of one kind (Int8Linear or
         Int4Linear), stacked by output rows (one fused matmul)."""
-        parts: list[Int8Linear | Int4Linear] = []
-        for module in modules:
-            if not isinstance(module, Int8Linear | Int4Linear) or type(module) is not type(modules[0]):
-                raise TypeError("the decode graph fuses Int8Linear or Int4Linear layers, one kind a matmul")
-            parts.append(module)
+        int8s = [m for m in modules if isinstance(m, Int8Linear)]
+        int4s = [m for m in modules if isinstance(m, Int4Linear)]
+        parts: list[Int8Linear | Int4Linear] = [*int8s, *int4s]
+        if len(parts) != len(modules) or (int8s and int4s):
+            raise TypeError("the decode graph fuses Int8Linear or Int4Linear layers, one kind a matmul")
         k = parts[0].in_features
         if k % BLOCK:
             raise ValueError(f"MatMulNBits needs in_features % {BLOCK} == 0, got {k}")
         n = sum(p.out_features for p in parts)
         blocks = k // BLOCK
-        if isinstance(parts[0], Int4Linear):
+        extra: list[str] = []
+        if int4s:
             if Int4Linear.GROUP != BLOCK:
                 raise ValueError(f"the graph's 4-bit blocks are {BLOCK} inputs, Int4Linear's groups {Int4Linear.GROUP}")
             # Int4Linear's own form: two weights a byte (even input low), a scale and an integer
             # zero point per group of 32 (= BLOCK), zero points packed two a byte per row.
-            int4s = [p for p in parts if isinstance(p, Int4Linear)]
             packed = torch.cat([p.weight_u4 for p in int4s]).reshape(n, blocks, BLOCK // 2)
             scales = torch.cat([p.group_scales for p in int4s]).float().reshape(-1)
             zeros = torch.cat([p.zeros for p in int4s])
             if blocks % 2:
                 zeros = torch.cat([zeros, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
-            zero_points = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).reshape(-1)
-            inputs = [x, self.const(packed.numpy(), "w"), self.const(scales.numpy(), "scale")]
-            inputs.append(self.const(zero_points.numpy(), "zero"))
+            extra.append(self.const((zeros[:, 0::2] | (zeros[:, 1::2] << 4)).reshape(-1).numpy(), "zero"))
             bits = 4
         else:
-            q = torch.cat([p.weight_int8 for p in parts if isinstance(p, Int8Linear)])  # (N, K) int8
-            row_scales = torch.cat([p.scales for p in parts if isinstance(p, Int8Linear)]).float()
+            q = torch.cat([p.weight_int8 for p in int8s])  # (N, K) int8
+            row_scales = torch.cat([p.scales for p in int8s]).float()
             # MatMulNBits' layout: B (N, K / block, block) uint8 around the zero point 128.
             packed = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n, blocks, BLOCK)
             scales = row_scales[:, None].expand(n, blocks).reshape(-1)
-            inputs = [x, self.const(packed.numpy(), "w"), self.const(scales.numpy(), "scale")]
             bits = 8
+        inputs = [x, self.const(packed.numpy(), "w"), self.const(scales.numpy(), "scale"), *extra]
         y = self.node(
             "MatMulNBits", inputs, domain="com.microsoft",
             K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=self.accuracy_level,

@@ -238,7 +238,13 @@ def bench_latency(
         "frame_ms": round(SAMPLES_PER_FRAME / 24, 2),
         "machine": machine_info(device),
         # threads each stage really runs with ("machine.threads" is the main thread's count)
-        "stage_threads": {**stage_threads, "vad": 1, "turn_model": 1, "asr": asr_threads},
+        "stage_threads": {
+            **stage_threads,
+            "vad": 1,
+            "turn_model": 1,
+            "asr": asr_threads,
+            "asr_lanes": recognizer.lanes,
+        },
     }
 
 

@@ -152,7 +152,11 @@ class Driver:
         elif isinstance(w, Transcribe):
             ticket = w.ticket
             ok = self.recognizer is not None and self.recognizer.submit(
-                w.audio, w.prompt, lambda text: self.post(Recognized(ticket, text)), droppable=w.droppable
+                w.audio,
+                w.prompt,
+                lambda text: self.post(Recognized(ticket, text)),
+                droppable=w.droppable,
+                urgent=w.command,
             )
             if not ok:
                 s.recognized(ticket, None, self.clock())

@@ -155,6 +155,7 @@ class Transcribe(Work):
     audio: Any  # 16 kHz float32 numpy array
     prompt: str | None
     droppable: bool  # a partial command check, superseded by the next one
+    command: bool  # a barge-in command check: the recognizer takes it before transcripts
 
 
 @dataclass(frozen=True)

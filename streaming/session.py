@@ -85,6 +85,8 @@ class _Barge:
     start: int  # absolute 16 kHz sample of the speech start
     segment: int  # id, to ignore late recognizer answers
     checked_until: int = 0
+    partial_out: bool = False  # a partial check is with the recognizer: the next waits for its verdict
+    pause_check: tuple[int, int] | None = None  # (end sample, ticket) of the check at the last pause
     matched: str | None = None
     announced: str | None = None  # the item of the speech_started its interrupt sent: stopped at its end
 
@@ -133,7 +135,13 @@ class _CommandAsk:
     response_id: str  # the answer playing when the speech was heard: the only one the verdict may cancel
     end: int
     phrases: tuple[str, ...]
-    final: bool  # the check of the whole utterance, made when it ended
+    # "partial": of the speech so far, while it goes on; "pause": at its first short silence
+    # (the final one if the silence lasts); "final": of the whole utterance, once it ended
+    kind: str
+
+    @property
+    def final(self) -> bool:
+        return self.kind == "final"
 
 
 @dataclass(frozen=True)
@@ -381,7 +389,7 @@ class Session:
         self._remember(item, audio, None)
         if self.config.transcribe_input and self.has_recognizer:
             ticket = self._ask(_TranscriptAsk(item, ms(audio.size)))
-            self._work.append(Transcribe(ticket, audio, None, droppable=False))
+            self._work.append(Transcribe(ticket, audio, None, droppable=False, command=False))
         if respond:
             self._request_response(create or _Create(item, None, None, self._new_id("resp")), now)
 
@@ -674,7 +682,7 @@ class Session:
     def _start_barge(self, speech_start: int) -> None:
         self._barge = _Barge(start=speech_start, segment=next(self._segments), checked_until=speech_start)
         if self.config.interrupt_mode is InterruptMode.COMMAND:
-            self._check_command(final=False, end=self._history.end)
+            self._check_command("partial", end=self._history.end)
 
     def _on_barge_window(self, edge: VadEdge | None, window_end: int, now: float) -> None:
         b = self._barge
@@ -690,8 +698,8 @@ class Session:
         if edge is not None and edge.kind == "stop":
             if b.announced is not None:
                 self._emit(SpeechStopped(b.announced, ms(edge.sample)))
-            if mode is InterruptMode.COMMAND and b.matched is None:
-                self._check_command(final=True, end=edge.sample)
+            if mode is InterruptMode.COMMAND and b.matched is None and not self._pause_check_is_final(b, edge.sample):
+                self._check_command("final", end=edge.sample)
             if keeps_speech and ms(edge.sample - b.start) > self.config.backchannel_max_ms:
                 self._hold(b, edge.sample)
             self._barge = None
@@ -703,8 +711,24 @@ class Session:
                 self._barge = None
                 self._open_turn(b.start)
                 self._interrupt("", b.start, announce=False)
+        elif mode is InterruptMode.COMMAND and edge is not None and edge.kind == "pause":
+            # A short silence (speculate_after_ms): the command is likely whole, and the check
+            # goes now rather than when the silence has lasted the turn's silence_duration_ms.
+            self._check_command("pause", end=edge.sample)
         elif mode is InterruptMode.COMMAND and window_end - b.checked_until >= COMMAND_CHECK_EVERY:
-            self._check_command(final=False, end=window_end)
+            self._check_command("partial", end=window_end)
+
+    def _pause_check_is_final(self, b: _Barge, end: int) -> bool:
+        """The speech ended where it paused: the pause's check, still out, is the final one
+        (the same audio). True when it was made so."""
+        if b.pause_check is None or b.pause_check[0] != end:
+            return False
+        ticket = b.pause_check[1]
+        ask = self._asks.get(ticket)
+        if not isinstance(ask, _CommandAsk):
+            return False  # its verdict came (no command): the final one is asked anew
+        self._asks[ticket] = replace(ask, kind="final")
+        return True
 
     def _hold(self, b: _Barge, end: int) -> None:
         """Keep speech that did not interrupt for after the answer (an earlier held utterance
@@ -732,9 +756,13 @@ class Session:
         self._emit(SpeechStopped(held.item_id, ms(held.end)))
         self._commit_audio(held.item_id, held.audio, now, respond=td is not None and td.create_response)
 
-    def _check_command(self, final: bool, end: int) -> None:
+    def _check_command(self, kind: str, end: int) -> None:
         b = self._barge
         if b is None or not self.has_recognizer or b.matched is not None:
+            return
+        if kind == "partial" and b.partial_out:
+            # One partial check at a time: on a slow recognizer a queue of them would hold up
+            # the final check (and the verdict) by a recognizer call each.
             return
         b.checked_until = end
         audio = self._history.slice(b.start, end)
@@ -743,8 +771,13 @@ class Session:
         phrases = self.config.interrupt_phrases
         # The verdict concerns the answer playing now (the last one started); a later answer is
         # not its to cancel.
-        ticket = self._ask(_CommandAsk(b.segment, self._last_response_id, end, phrases, final))
-        self._work.append(Transcribe(ticket, audio, bias_prompt(phrases), droppable=not final))
+        ticket = self._ask(_CommandAsk(b.segment, self._last_response_id, end, phrases, kind))
+        # A partial check is superseded by the next; one at a pause may become the final one.
+        self._work.append(Transcribe(ticket, audio, bias_prompt(phrases), droppable=kind == "partial", command=True))
+        if kind == "partial":
+            b.partial_out = True
+        elif kind == "pause":
+            b.pause_check = (end, ticket)
 
     def recognized(self, ticket: int, text: str | None, now: float) -> None:
         """The recognizer's answer to a Transcribe (None: it failed or the job was dropped)."""
@@ -752,6 +785,8 @@ class Session:
         if isinstance(ask, _TranscriptAsk):
             self._emit(InputTranscript(ask.item_id, text or "", ask.audio_ms, failed=text is None))
         elif isinstance(ask, _CommandAsk):
+            if ask.kind == "partial" and self._barge is not None and self._barge.segment == ask.segment:
+                self._barge.partial_out = False
             phrase = match_phrase(text or "", ask.phrases)
             log.debug("barge-in segment %d heard %r -> %s", ask.segment, text, phrase)
             held = self._held

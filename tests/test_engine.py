@@ -129,6 +129,130 @@ def test_a_stale_verdict_is_dropped() -> None:
     assert s.response is not None and s.response.cancelled is None
 
 
+def test_one_partial_command_check_at_a_time() -> None:
+    """While a partial check of the speech is with the recognizer, the growing speech asks for
+    no other (a queue of them would hold up the final check on a slow recognizer); its verdict
+    lets the next one go; the final check goes when the speech ends, whatever is out."""
+    cfg = SessionConfig(input_sample_rate=16000, interrupt_mode=InterruptMode.COMMAND, max_audio_lead_ms=100)
+    s = Session(cfg, recognizer=True)
+    a = _answering(s, audio_s=10.0)
+    speak(s, SPEECH, now=0.5)
+    (first,) = [w for w in s.take_work() if isinstance(w, Transcribe)]
+    assert first.droppable and first.command
+    speak(s, SPEECH, now=0.6)  # 0.64 s more, two check intervals: the first is still out
+    assert not [w for w in s.take_work() if isinstance(w, Transcribe)]
+    s.recognized(first.ticket, "well I", now=0.6)  # no command yet
+    speak(s, SPEECH[:1], now=0.7)
+    (second,) = [w for w in s.take_work() if isinstance(w, Transcribe)]
+    assert second.droppable and second.audio.size > first.audio.size  # the speech so far
+    speak(s, QUIET, now=0.8)  # the speech ends with the second still out
+    final = _final_check(s)
+    assert final.command and final.audio.size >= second.audio.size
+    s.recognized(final.ticket, "Stop omni.", now=0.9)
+    assert any(isinstance(e, Interrupted) and e.response_id == a.response_id for e in s.take_events())
+
+
+def test_a_command_is_checked_at_the_first_pause() -> None:
+    """A short silence after the speech (speculate_after_ms) sends its check at once: "stop
+    omni" interrupts before the silence could end the utterance. If the silence does end it
+    there, that check is the final one (no second call over the same audio)."""
+    cfg = SessionConfig(input_sample_rate=16000, interrupt_mode=InterruptMode.COMMAND, max_audio_lead_ms=100)
+    assert cfg.speculate_after_ms == 160
+    for verdict in ("Stop omni.", "It is a long question about the weather."):
+        s = Session(cfg, recognizer=True)
+        a = _answering(s, audio_s=10.0)
+        speak(s, SPEECH * 2 + QUIET[:6], now=0.5)  # 192 ms of silence: a pause, not yet the end
+        asks = [w for w in s.take_work() if isinstance(w, Transcribe)]
+        at_pause = asks[-1]
+        assert not at_pause.droppable and at_pause.audio.size == 2 * len(SPEECH) * 512  # the speech, whole
+        if verdict == "Stop omni.":
+            s.recognized(at_pause.ticket, verdict, now=0.6)
+            events = s.take_events()
+            assert any(isinstance(e, Interrupted) and e.response_id == a.response_id for e in events)
+            continue
+        speak(s, QUIET, now=0.7)  # the silence lasts: the utterance ended at the pause
+        assert not [w for w in s.take_work() if isinstance(w, Transcribe)]  # no second check
+        s.recognized(at_pause.ticket, verdict, now=0.8)  # no command: its verdict is the final one
+        s.response_event(ResponseDone(a.response_id, a.item_id, "completed"), now=0.9)
+        s.report_playback(1e9, now=11.0)
+        s.tick(11.0)  # the answer is over: the question held meanwhile is the next turn
+        assert any(isinstance(e, InputCommitted) for e in s.take_events())
+
+
+class GatedRecognizer:
+    """Records its calls (by prompt); those whose prompt starts with "t" or "w" wait for `gate`."""
+
+    def __init__(self, parallel: int) -> None:
+        self.parallel = parallel
+        self.gate = threading.Event()
+        self.calls: list[str | None] = []
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
+        self.calls.append(prompt)
+        if (prompt or "")[:1] in ("t", "w"):
+            self.gate.wait(10)
+        return prompt or ""
+
+
+def _submit(worker: Any, name: str, urgent: bool) -> threading.Event:
+    heard = threading.Event()
+    worker.submit(np.zeros(1600, np.float32), name, lambda _text: heard.set(), urgent=urgent)
+    return heard
+
+
+def test_command_checks_go_ahead_of_transcripts() -> None:
+    """One call at a time: command checks (a barge-in waits on them) go before the transcripts
+    that were waiting, in order among themselves."""
+    from streaming.detector import RecognizerWorker
+
+    asr = GatedRecognizer(parallel=1)
+    worker = RecognizerWorker(asr)
+    try:
+        assert worker.lanes == 1
+        first = _submit(worker, "t0", urgent=False)
+        time.sleep(0.2)  # "t0" is being transcribed: the others wait
+        heard = [_submit(worker, name, name.startswith("c")) for name in ("t1", "c1", "t2", "c2")]
+        assert not first.is_set()
+        asr.gate.set()
+        assert all(h.wait(10) for h in heard)
+        assert asr.calls == ["t0", "c1", "c2", "t1", "t2"]
+    finally:
+        worker.close()
+
+
+def test_a_command_check_never_waits_for_a_transcript() -> None:
+    """A recognizer that takes two calls at once: a command check runs while a transcript is
+    being made, the commands' thread leaves the waiting transcripts to the other one, and
+    two checks never run at once (they would share the cores: the first verdict comes later)."""
+    from streaming.detector import RecognizerWorker
+
+    asr = GatedRecognizer(parallel=2)
+    worker = RecognizerWorker(asr)
+    try:
+        assert worker.lanes == 2
+        transcripts = [_submit(worker, name, urgent=False) for name in ("t1", "t2")]
+        for _ in range(100):  # until "t1" is being made
+            if asr.calls:
+                break
+            time.sleep(0.01)
+        command = _submit(worker, "c1", urgent=True)
+        assert command.wait(5)  # while "t1" still waits for the gate
+        time.sleep(0.2)
+        assert asr.calls == ["t1", "c1"] and not any(t.is_set() for t in transcripts)
+        asr.gate.set()
+        assert all(t.wait(10) for t in transcripts)
+        assert asr.calls == ["t1", "c1", "t2"]
+        asr.gate.clear()
+        checks = [_submit(worker, name, urgent=True) for name in ("w1", "c2")]
+        time.sleep(0.3)  # the transcripts' thread is idle meanwhile
+        assert asr.calls[3:] == ["w1"] and not any(c.is_set() for c in checks)
+        asr.gate.set()
+        assert all(c.wait(10) for c in checks)
+        assert asr.calls[3:] == ["w1", "c2"]
+    finally:
+        worker.close()
+
+
 def test_semantic_vad_score_comes_back_as_an_input() -> None:
     from streaming.events import ScoreTurn
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -462,6 +463,27 @@ def test_real_asr_detects_commands(recognizer, name: str, expected: str | None) 
     phrases = ("stop omni", "omni stop", "stop")
     text = recognizer.recognizer.transcribe(fixture_audio(name), bias_prompt(phrases))
     assert match_phrase(text, phrases) == expected, text
+
+
+def test_real_asr_takes_a_command_check_and_a_transcript_at_once(recognizer) -> None:
+    """faster-whisper's two workers: a command check on the commands' thread while the other
+    makes a transcript, each the text it gives alone."""
+    from streaming.detector import bias_prompt
+
+    assert recognizer.lanes == 2
+    jobs = (("question", None, False), ("stop_omni", bias_prompt(("stop omni",)), True))
+    alone = [recognizer.recognizer.transcribe(fixture_audio(name), p) for name, p, _ in jobs]
+    got: dict[str, str | None] = {}
+    heard = {name: threading.Event() for name, _, _ in jobs}
+    for name, p, urgent in jobs:  # the transcript first: it is being made when the check comes
+
+        def done(text: str | None, name: str = name) -> None:
+            got[name] = text
+            heard[name].set()
+
+        recognizer.submit(fixture_audio(name), p, done, urgent=urgent)
+    assert all(h.wait(30) for h in heard.values())
+    assert [got["question"], got["stop_omni"]] == alone
 
 
 def test_model_asr_is_the_a1t1_task(runner: ModelRunner, tiny_model) -> None:

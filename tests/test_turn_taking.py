@@ -141,7 +141,7 @@ class HeldRecognizer:
     def __init__(self) -> None:
         self.pending: list[Callable[[str | None], None]] = []
 
-    def submit(self, audio, prompt, callback: Callable[[str | None], None], droppable: bool = False) -> bool:
+    def submit(self, audio, prompt, callback: Callable[[str | None], None], droppable=False, urgent=False) -> bool:
         self.pending.append(callback)
         return True
 

@@ -19,6 +19,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -129,6 +130,9 @@ class _TranscriptAsk:
     audio_ms: int
 
 
+CheckKind = Literal["partial", "pause", "final"]
+
+
 @dataclass(frozen=True)
 class _CommandAsk:
     segment: int
@@ -137,7 +141,7 @@ class _CommandAsk:
     phrases: tuple[str, ...]
     # "partial": of the speech so far, while it goes on; "pause": at its first short silence
     # (the final one if the silence lasts); "final": of the whole utterance, once it ended
-    kind: str
+    kind: CheckKind
 
     @property
     def final(self) -> bool:
@@ -756,7 +760,7 @@ class Session:
         self._emit(SpeechStopped(held.item_id, ms(held.end)))
         self._commit_audio(held.item_id, held.audio, now, respond=td is not None and td.create_response)
 
-    def _check_command(self, kind: str, end: int) -> None:
+    def _check_command(self, kind: CheckKind, end: int) -> None:
         b = self._barge
         if b is None or not self.has_recognizer or b.matched is not None:
             return

@@ -242,7 +242,8 @@ def bench_latency(
             **stage_threads,
             "vad": 1,
             "turn_model": 1,
-            "asr": asr_threads,
+            "asr": asr_threads,  # transcripts
+            "asr_commands": getattr(recognizer.recognizer, "command_threads", None),
             "asr_lanes": recognizer.lanes,
         },
     }

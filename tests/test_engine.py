@@ -200,6 +200,26 @@ def _submit(worker: Any, name: str, urgent: bool) -> threading.Event:
     return heard
 
 
+def test_command_checks_take_the_recognizers_command_path() -> None:
+    """A recognizer with a command path (faster-whisper's two-thread copy) gets the command
+    checks there, the transcripts on its plain path."""
+    from streaming.detector import RecognizerWorker
+
+    class TwoPaths(GatedRecognizer):
+        def transcribe_command(self, audio: np.ndarray, prompt: str | None = None) -> str:
+            self.calls.append(f"command:{prompt}")
+            return "command"
+
+    asr = TwoPaths(parallel=2)
+    worker = RecognizerWorker(asr)
+    try:
+        heard = [_submit(worker, "x1", urgent=False), _submit(worker, "x2", urgent=True)]
+        assert all(h.wait(10) for h in heard)
+        assert sorted(asr.calls) == ["command:x2", "x1"]
+    finally:
+        worker.close()
+
+
 def test_command_checks_go_ahead_of_transcripts() -> None:
     """One call at a time: command checks (a barge-in waits on them) go before the transcripts
     that were waiting, in order among themselves."""

@@ -466,13 +466,15 @@ def test_real_asr_detects_commands(recognizer, name: str, expected: str | None) 
 
 
 def test_real_asr_takes_a_command_check_and_a_transcript_at_once(recognizer) -> None:
-    """faster-whisper's two workers: a command check on the commands' thread while the other
-    makes a transcript, each the text it gives alone."""
+    """faster-whisper loaded twice: a command check (on its two-thread copy) while the other
+    copy makes a transcript, each the text it gives alone."""
     from streaming.detector import bias_prompt
 
     assert recognizer.lanes == 2
     jobs = (("question", None, False), ("stop_omni", bias_prompt(("stop omni",)), True))
-    alone = [recognizer.recognizer.transcribe(fixture_audio(name), p) for name, p, _ in jobs]
+    asr = recognizer.recognizer
+    assert (asr.threads, asr.command_threads) == (1, 2)
+    alone = [asr.transcribe(fixture_audio("question")), asr.transcribe_command(fixture_audio("stop_omni"), jobs[1][1])]
     got: dict[str, str | None] = {}
     heard = {name: threading.Event() for name, _, _ in jobs}
     for name, p, urgent in jobs:  # the transcript first: it is being made when the check comes

@@ -117,7 +117,7 @@ def bias_prompt(phrases: Sequence[str]) -> str:
     return " ".join(p.strip().title().rstrip(".") + "." for p in phrases)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the list removes a job by it (field equality would compare arrays)
 class _Job:
     audio: np.ndarray
     prompt: str | None

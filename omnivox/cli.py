@@ -307,8 +307,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
-    levels = args.sessions
-    result = bench_serve(ckpt, question, levels=levels, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+    result = bench_serve(ckpt, question, levels=args.sessions, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                          url=args.url)  # fmt: skip
     print(f"largest real-time concurrency: {result['max_real_time_sessions']} sessions")
     _save_json(args.json, result)
@@ -359,8 +358,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
     ckpt = _bench_checkpoint(args)
     question = _wav_arg(args.question_wav, "question.wav", "--question-wav")
-    levels = args.sessions
-    result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=levels,
+    result = bench_pipeline(ckpt, question, dtype=args.dtype, steps=args.steps, levels=args.sessions,
                             max_chunk_frames=args.max_chunk_frames, stagger_ms=args.stagger_ms,
                             max_audio_lead_ms=args.max_audio_lead_ms,
                             stage_threads=tuple(args.stage_threads.split(";")),
@@ -373,9 +371,8 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from benchmarks.kernels import bench_kernels, print_table
 
-    rows = args.rows
     names = tuple(args.candidates.split(",")) if args.candidates else None
-    result = bench_kernels(rows=rows, repeats=args.repeats, candidates=names)
+    result = bench_kernels(rows=args.rows, repeats=args.repeats, candidates=names)
     print_table(result)
     _save_json(args.json, result)
     return 0

@@ -39,14 +39,10 @@ class SpeechRecognizer(Protocol):
 
 @runtime_checkable
 class CommandRecognizer(SpeechRecognizer, Protocol):
-    """A recognizer with a faster path for command checks (a barge-in waits on them)."""
+    """A recognizer with a path of its own for command checks (a barge-in waits on them),
+    which may run while `transcribe` does."""
 
     def transcribe_command(self, audio: np.ndarray, prompt: str | None = None) -> str: ...
-
-
-def concurrent_calls(recognizer: SpeechRecognizer) -> int:
-    """How many `transcribe` calls the recognizer takes at once (its `parallel`, default 1)."""
-    return max(1, int(getattr(recognizer, "parallel", 1)))
 
 
 class FasterWhisperASR:
@@ -55,8 +51,6 @@ class FasterWhisperASR:
     cores: beside an answer's decode and SNAC it gets a thread's share of them (on the 2-core
     Zen 1 host, with three threads busy, 3.5 s a check on one thread, 2.5 s on two; alone 1.7
     and 0.9 s), while a transcript at a turn's start would take them from its answer's encode."""
-
-    parallel = 2
 
     def __init__(self, model_path: str | None = None, threads: int = 1, command_threads: int = 2) -> None:
         from faster_whisper import WhisperModel
@@ -134,8 +128,8 @@ class RecognizerWorker:
     command check, an input transcription) takes the place of the oldest droppable one (a
     partial check, superseded anyway), whose callback gets None; a droppable job is refused.
     An urgent job (a command check) goes ahead of the waiting ones that are not, in order
-    among the urgent: the answer it may stop is sounding meanwhile. A recognizer that takes
-    two calls at once gets two threads, one for command checks and one for transcripts: a
+    among the urgent: the answer it may stop is sounding meanwhile. A recognizer with a command
+    path of its own gets two threads, one for command checks and one for transcripts: a
     check never waits for a transcript (a recognizer call takes 1.7 s on a Zen 1 core, 2.5 s
     beside answers being made), and never shares the cores with another check.
     Callbacks run on the recognizer's threads: they must only hand the result on."""
@@ -149,7 +143,7 @@ class RecognizerWorker:
         # Each thread's jobs: the urgent (True), the others (False), or any (None).
         lanes: dict[bool | None, str] = (
             {True: "omnivox-asr-commands", False: "omnivox-asr-transcripts"}
-            if concurrent_calls(recognizer) >= 2
+            if isinstance(recognizer, CommandRecognizer)
             else {None: "omnivox-asr"}
         )
         self._threads = [

@@ -87,7 +87,7 @@ class _Barge:
     segment: int  # id, to ignore late recognizer answers
     checked_until: int = 0
     partial_out: bool = False  # a partial check is with the recognizer: the next waits for its verdict
-    pause_check: tuple[int, int] | None = None  # (end sample, ticket) of the check at the last pause
+    pause_ticket: int | None = None  # the check at the last pause
     matched: str | None = None
     announced: str | None = None  # the item of the speech_started its interrupt sent: stopped at its end
 
@@ -725,12 +725,12 @@ class Session:
     def _pause_check_is_final(self, b: _Barge, end: int) -> bool:
         """The speech ended where it paused: the pause's check, still out, is the final one
         (the same audio). True when it was made so."""
-        if b.pause_check is None or b.pause_check[0] != end:
+        ticket = b.pause_ticket
+        if ticket is None:
             return False
-        ticket = b.pause_check[1]
-        ask = self._asks.get(ticket)
-        if not isinstance(ask, _CommandAsk):
-            return False  # its verdict came (no command): the final one is asked anew
+        ask = self._asks.get(ticket)  # gone: its verdict came (no command), the final one is asked anew
+        if not isinstance(ask, _CommandAsk) or ask.end != end:
+            return False
         self._asks[ticket] = replace(ask, kind="final")
         return True
 
@@ -781,7 +781,7 @@ class Session:
         if kind == "partial":
             b.partial_out = True
         elif kind == "pause":
-            b.pause_check = (end, ticket)
+            b.pause_ticket = ticket
 
     def recognized(self, ticket: int, text: str | None, now: float) -> None:
         """The recognizer's answer to a Transcribe (None: it failed or the job was dropped)."""

@@ -182,8 +182,7 @@ def test_a_command_is_checked_at_the_first_pause() -> None:
 class GatedRecognizer:
     """Records its calls (by prompt); those whose prompt starts with "t" or "w" wait for `gate`."""
 
-    def __init__(self, parallel: int) -> None:
-        self.parallel = parallel
+    def __init__(self) -> None:
         self.gate = threading.Event()
         self.calls: list[str | None] = []
 
@@ -192,6 +191,13 @@ class GatedRecognizer:
         if (prompt or "")[:1] in ("t", "w"):
             self.gate.wait(10)
         return prompt or ""
+
+
+class GatedTwoCopies(GatedRecognizer):
+    """With a command path of its own (recorded as the plain one): two calls at once."""
+
+    def transcribe_command(self, audio: np.ndarray, prompt: str | None = None) -> str:
+        return self.transcribe(audio, prompt)
 
 
 def _submit(worker: Any, name: str, urgent: bool) -> threading.Event:
@@ -210,7 +216,7 @@ def test_command_checks_take_the_recognizers_command_path() -> None:
             self.calls.append(f"command:{prompt}")
             return "command"
 
-    asr = TwoPaths(parallel=2)
+    asr = TwoPaths()
     worker = RecognizerWorker(asr)
     try:
         heard = [_submit(worker, "x1", urgent=False), _submit(worker, "x2", urgent=True)]
@@ -225,7 +231,7 @@ def test_command_checks_go_ahead_of_transcripts() -> None:
     that were waiting, in order among themselves."""
     from streaming.detector import RecognizerWorker
 
-    asr = GatedRecognizer(parallel=1)
+    asr = GatedRecognizer()
     worker = RecognizerWorker(asr)
     try:
         assert worker.lanes == 1
@@ -241,12 +247,12 @@ def test_command_checks_go_ahead_of_transcripts() -> None:
 
 
 def test_a_command_check_never_waits_for_a_transcript() -> None:
-    """A recognizer that takes two calls at once: a command check runs while a transcript is
+    """A recognizer with a command path of its own: a command check runs while a transcript is
     being made, the commands' thread leaves the waiting transcripts to the other one, and
     two checks never run at once (they would share the cores: the first verdict comes later)."""
     from streaming.detector import RecognizerWorker
 
-    asr = GatedRecognizer(parallel=2)
+    asr = GatedTwoCopies()
     worker = RecognizerWorker(asr)
     try:
         assert worker.lanes == 2

@@ -38,6 +38,15 @@ class SwiGLUAdapter(nn.Module):
         return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
 
 
+def adapt(adapter: SwiGLUAdapter, features: torch.Tensor) -> torch.Tensor:
+    """features (B, L, C_in) -> (B, L, C) in the adapter's own dtype. Rows that are one
+    tensor expanded (a prompt's audio and text rows hear the same turn) are adapted once."""
+    dtype = adapter.fc_1.weight.dtype
+    if features.shape[0] > 1 and features.stride(0) == 0:
+        return adapter(features[:1].to(dtype)).expand(features.shape[0], -1, -1)
+    return adapter(features.to(dtype))
+
+
 class KVCache:
     """One response's keys and values for every layer: k, v (n_layer, B, KV, capacity, hs).
 
@@ -588,7 +597,9 @@ class OmniLM(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
-    def quantize_(self, precision: str = "int8", many_rows: str | None = None) -> OmniLM:
+    def quantize_(
+        self, precision: str = "int8", many_rows: str | None = None, adapter_dtype: torch.dtype = torch.bfloat16
+    ) -> OmniLM:
         """Approximate modes: weight-only quantized matmuls with bf16 activations.
         int8: every Linear of the decoder layers and the head's audio slices hold int8 weights,
         one scale per output row, by torch's kernel; the head's text slice has a scale per 32
@@ -599,7 +610,12 @@ class OmniLM(nn.Module):
         (README, Precision). Embeddings, norms and the adapters stay in bf16/fp32; call on the
         fp32 model (scales come from fp32 weights). many_rows: how the int8 Linears compute a
         prefill (MANY_ROWS_MODES; model.probe.probe_many_rows times them), else their default.
+        adapter_dtype: the adapters' weights, bf16 or fp32: they map a prompt's ~100 feature
+        rows, many-row work like the encoders', so they take the dtype the probe timed faster
+        for those (a bf16 GEMM is 5x slower than fp32 on a host without native bf16).
         """
+        if adapter_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"adapter_dtype must be bfloat16 or float32, got {adapter_dtype}")
         if precision not in QUANTIZED:
             raise ValueError(f"quantize_ takes {', '.join(QUANTIZED)}, got {precision!r}")
         if many_rows is not None and many_rows not in MANY_ROWS_MODES:
@@ -620,6 +636,9 @@ class OmniLM(nn.Module):
                     module.many_rows = many_rows
         self.quantized = precision
         self.cast_parameters_(torch.bfloat16)
+        for adapter in (self.whisper_adapter, self.vision_adapter):
+            if adapter is not None:
+                adapter.to(adapter_dtype)
         return self
 
     @property
@@ -649,7 +668,7 @@ class OmniLM(nn.Module):
             adapter = self.whisper_adapter if splice.adapter == "whisper" else self.vision_adapter
             if adapter is None:
                 raise ValueError(f"this checkpoint has no {splice.adapter} adapter")
-            adapted = adapter(splice.features.to(device=streams.device, dtype=streams.dtype))  # (B, L, C)
+            adapted = adapt(adapter, splice.features.to(device=streams.device)).to(streams.dtype)  # (B, L, C)
             stop = splice.start + adapted.shape[1]
             streams[:, :n_audio, splice.start : stop] = adapted[:, None]
         # Sum the streams one by one, in stream order, as upstream does: bit-identical embeddings.

@@ -150,7 +150,7 @@ class OmniModel:
         lit_sd = load_lit_state_dict(root / LIT_MODEL)
         llm = build_llm(config, litgpt_to_omni(lit_sd, config, str(root / LIT_MODEL)), device, torch_dtype)
         if rows_probe is not None:
-            llm.quantize_(precision, many_rows=rows_probe.many_rows)
+            llm.quantize_(precision, many_rows=rows_probe.many_rows, adapter_dtype=encoder_dtype)
         tokenizer = TextTokenizer.from_dir(root)
         whisper = load_whisper(root).to(device) if with_whisper else None
         # bf16 encoders: half the 30 s Whisper encode (features within ~1% of fp32) and half a

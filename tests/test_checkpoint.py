@@ -286,6 +286,9 @@ def test_quantized_load_times_its_prefill_and_encoder_kernels(tiny_ckpt) -> None
     assert model.whisper is not None and model.codec is not None
     assert model.whisper.encoder.conv1.weight.dtype == DTYPES[probe.encoder_dtype]
     assert next(model.codec.snac.parameters()).dtype == DTYPES[probe.encoder_dtype]
+    # the adapters map a prompt's feature rows: many-row work too, in the dtype timed for it
+    assert model.llm.whisper_adapter.fc_1.weight.dtype == DTYPES[probe.encoder_dtype]
+    assert model.llm.dtype == torch.bfloat16
     assert f"{probe.many_rows} " in probe.reason and "plain GEMMs float32" in probe.reason
     assert OmniModel.load(tiny_ckpt, dtype="float32", with_whisper=False, with_snac=False).many_rows_probe is None
 

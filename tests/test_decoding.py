@@ -330,9 +330,35 @@ def test_quantize_sets_how_every_int8_linear_runs_a_prefill(tiny_ckpt) -> None:
     int8s = [m for m in llm.modules() if isinstance(m, Int8Linear)]
     assert int8s and all(m.many_rows == "gemm-fp32" for m in int8s)  # attention and the head's audio slices
     assert all(m.many_rows == "kernel" for m in llm.modules() if isinstance(m, Int4Linear))
+    assert llm.whisper_adapter.fc_1.weight.dtype == torch.bfloat16  # the default, as every other weight
     fresh = OmniModel.load(tiny_ckpt, with_whisper=False, with_snac=False).llm
     with pytest.raises(ValueError, match="many_rows must be one of"):
         fresh.quantize_("int8", many_rows="gemm-fp16")
+    with pytest.raises(ValueError, match="adapter_dtype must be"):
+        fresh.quantize_("int8", adapter_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_rows_that_hear_one_turn_are_adapted_once_to_the_same_embeddings(tiny_ckpt, adapter_dtype) -> None:
+    """A1A2's audio and text rows splice one tensor expanded: adapting it once gives the
+    embeddings that adapting each row gives, bit for bit, in either adapter dtype; and an fp32
+    adapter under a quantized mode feeds the bf16 stream embeddings."""
+    from model.llm import Splice
+
+    llm = OmniModel.load(tiny_ckpt, with_whisper=False, with_snac=False).llm
+    llm.quantize_("int8", adapter_dtype=adapter_dtype)
+    feats = torch.randn(37, llm.config.whisper_adapter_dim, generator=torch.Generator().manual_seed(4))
+    prompt = build_prompt(Task.A1A2, llm.layout, audio_features=feats)
+    (splice,) = prompt.splices
+    assert splice.features.stride(0) == 0  # the rows share one tensor
+    calls = []
+    hook = llm.whisper_adapter.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    shared = llm.embed(prompt.ids, prompt.splices)
+    hook.remove()
+    assert calls == [1]
+    each = llm.embed(prompt.ids, (Splice(splice.start, splice.features.contiguous()),))
+    assert shared.dtype == torch.bfloat16 and torch.equal(shared, each)
+    assert torch.equal(shared[0, splice.start : splice.start + 37], shared[1, splice.start : splice.start + 37])
 
 
 def test_ort_int8_linear_for_the_head_text_slice() -> None:

@@ -316,6 +316,31 @@ def test_int8_linear_computes_a_prefill_in_each_many_rows_mode() -> None:
     assert layer.dequantized().dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode", ["gemm-fp32", "gemm-bf16"])
+def test_a_prefill_dequantizes_its_weights_a_block_of_rows_at_a_time(mode, monkeypatch) -> None:
+    """The GEMM modes dequantize DEQUANTIZE_BLOCK output rows at a time (the block is still in
+    cache for its GEMM): the product of the whole matrix at once within float rounding, each
+    block's rows being exactly those of the whole dequantized matrix."""
+    from model.llm import Int8Linear
+
+    g = torch.Generator().manual_seed(3)
+    layer = Int8Linear(torch.randn(100, 64, generator=g), torch.randn(100, generator=g))
+    layer.many_rows = mode
+    assert torch.equal(layer.dequantized(torch.float32, slice(30, 60)), layer.dequantized(torch.float32)[30:60])
+    x = torch.randn(Int8Linear.DEQUANTIZE_ROWS + 5, 64, generator=g)
+    whole = layer(x)
+    calls = []
+    original = Int8Linear.dequantized
+    monkeypatch.setattr(Int8Linear, "DEQUANTIZE_BLOCK", 32)  # 100 rows: 32 + 32 + 32 + 4
+    monkeypatch.setattr(Int8Linear, "dequantized", lambda self, *a: calls.append(a) or original(self, *a))
+    blocked = layer(x)
+    assert [rows for _, rows in calls] == [slice(a, a + 32) for a in (0, 32, 64, 96)]
+    assert blocked.shape == whole.shape and blocked.dtype == whole.dtype
+    # a block's GEMM may take another kernel path (the 4-row tail), so rounding apart
+    tol = {"gemm-fp32": 1e-5, "gemm-bf16": 1e-2}[mode]
+    torch.testing.assert_close(blocked.float(), whole.float(), rtol=tol, atol=tol)
+
+
 def _outlier_matrix(layer) -> torch.Tensor:
     full = torch.zeros(layer.out_features, layer.in_features)
     full[:, layer.outlier_cols] = layer.outlier_weight.float()
@@ -404,6 +429,7 @@ def test_int4_linear_holds_weights_on_its_grid_exactly() -> None:
     assert torch.equal(layer.unpacked(), u.to(torch.uint8))
     assert torch.equal(layer.weight_u4[:, 0], (u[:, 0] | (u[:, 1] << 4)).to(torch.uint8))  # even input low
     assert torch.equal(layer.dequantized(torch.float32), w)
+    assert torch.equal(layer.dequantized(torch.float32, slice(40, 90)), w[40:90])  # a prefill's block of rows
     x = torch.randn(3, k, generator=g).to(torch.bfloat16)
     ref = x.float() @ w.T
     out = layer(x).float()

@@ -604,12 +604,14 @@ class OmniLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.backbone.embed_tokens.weight.dtype
 
-    def cast_parameters_(self, dtype: torch.dtype) -> OmniLM:
-        """Weights to `dtype`; buffers (int8 weights and scales) keep theirs. RoPE has no
-        buffer: its angles are computed in fp32 at every forward."""
+    def cast_parameters_(self, dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> OmniLM:
+        """Weights to `dtype`, the adapters' to `adapter_dtype` (default `dtype`), each from the
+        weights as they are (never through another rounding); buffers (int8 weights and
+        scales) keep theirs. RoPE has no buffer: its angles are computed in fp32 at every forward."""
+        adapters = {id(p) for a in (self.whisper_adapter, self.vision_adapter) if a is not None for p in a.parameters()}
         with torch.no_grad():
             for p in self.parameters():
-                p.data = p.data.to(dtype)
+                p.data = p.data.to(adapter_dtype if adapter_dtype is not None and id(p) in adapters else dtype)
         return self
 
     def quantize_(
@@ -650,10 +652,7 @@ class OmniLM(nn.Module):
                 if isinstance(module, Int8Linear):
                     module.many_rows = many_rows
         self.quantized = precision
-        self.cast_parameters_(torch.bfloat16)
-        for adapter in (self.whisper_adapter, self.vision_adapter):
-            if adapter is not None:
-                adapter.to(adapter_dtype)
+        self.cast_parameters_(torch.bfloat16, adapter_dtype)
         return self
 
     @property

@@ -371,7 +371,11 @@ def test_rows_that_hear_one_turn_are_adapted_once_to_the_same_embeddings(tiny_ck
     from model.llm import Splice
 
     llm = OmniModel.load(tiny_ckpt, with_whisper=False, with_snac=False).llm
+    fp32_weight = llm.whisper_adapter.fc_1.weight.detach().clone()
     llm.quantize_("int8", adapter_dtype=adapter_dtype)
+    # straight from the fp32 weights: an fp32 adapter is not rounded through bf16 on the way
+    assert torch.equal(llm.whisper_adapter.fc_1.weight, fp32_weight.to(adapter_dtype))
+    assert llm.backbone.embed_tokens.weight.dtype == torch.bfloat16
     feats = torch.randn(37, llm.config.whisper_adapter_dim, generator=torch.Generator().manual_seed(4))
     prompt = build_prompt(Task.A1A2, llm.layout, audio_features=feats)
     (splice,) = prompt.splices
